@@ -1,0 +1,13 @@
+"""Errors that name what is wrong: the field, the file or the value."""
+
+
+class NestlearnError(Exception):
+    """Base of every error nestlearn raises on purpose; the CLI prints its message on one line."""
+
+
+class ConfigError(NestlearnError, ValueError):
+    """A configuration field is unknown, mistyped or out of range."""
+
+
+class DataError(NestlearnError, ValueError):
+    """A data file is missing or corrupt, or a dataset cannot supply what was asked of it."""

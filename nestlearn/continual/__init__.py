@@ -1,0 +1,32 @@
+"""Continual learning: the compiled engine and the strategies it runs."""
+
+from nestlearn.continual._engine import (
+    Learner,
+    Recorder,
+    RunState,
+    TaskOutput,
+    TrainConfig,
+    masked_cross_entropy,
+    seed_mesh,
+    seed_sharding,
+    steps_for_epochs,
+)
+from nestlearn.continual._result import StreamResult
+from nestlearn.continual._strategy import Batch, Joint, Naive, Strategy
+
+__all__ = [
+    "Batch",
+    "Joint",
+    "Learner",
+    "Naive",
+    "Recorder",
+    "RunState",
+    "Strategy",
+    "StreamResult",
+    "TaskOutput",
+    "TrainConfig",
+    "masked_cross_entropy",
+    "seed_mesh",
+    "seed_sharding",
+    "steps_for_epochs",
+]

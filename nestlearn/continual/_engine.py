@@ -1,0 +1,368 @@
+"""The compiled continual-learning engine: one program per task, called once per task of the stream.
+
+Inside the program, a task's optimizer steps run under ``lax.scan`` in chunks of ``eval_every`` steps,
+each chunk followed by an evaluation of every task of the stream (forgetting curves at step resolution);
+seeds are a leading ``vmap`` axis, sharded over the devices of a ``Mesh``. The task index is a traced
+argument, so the same compiled program serves every task; between calls the host may checkpoint, report
+progress and write results. Nothing here loops over steps in Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
+
+from nestlearn._errors import ConfigError
+from nestlearn.continual._result import StreamResult
+from nestlearn.continual._strategy import Batch, Params, Strategy
+from nestlearn.tasks._stream import TaskStream
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How each task is trained.
+
+    Attributes:
+      steps_per_task: optimizer steps on each task. Batches walk through the task's examples in
+        reshuffled epochs, so ``ceil(epochs * n_train / batch_size)`` steps is ``epochs`` passes.
+      batch_size: examples per step.
+      eval_every: evaluate every task of the stream every this many steps inside a task (and always at a
+        task's end); ``None`` evaluates only at task ends.
+      reset_optimizer: re-initialise the optimizer state (momenta) at the start of every task.
+    """
+
+    steps_per_task: int
+    batch_size: int
+    eval_every: int | None = None
+    reset_optimizer: bool = False
+
+    def __post_init__(self):
+        for name in ("steps_per_task", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.eval_every is not None and (not isinstance(self.eval_every, int) or self.eval_every <= 0):
+            raise ConfigError(f"eval_every must be a positive integer or None, got {self.eval_every!r}")
+
+    @property
+    def evals_inside_task(self) -> int:
+        """Evaluation points strictly inside a task (the end-of-task evaluation is separate)."""
+        if self.eval_every is None:
+            return 0
+        return (self.steps_per_task - 1) // self.eval_every
+
+
+def steps_for_epochs(epochs: float, n_train: int, batch_size: int) -> int:
+    """Steps that make ``epochs`` passes over ``n_train`` examples in batches of ``batch_size``."""
+    return max(1, math.ceil(epochs * n_train / batch_size))
+
+
+class RunState(flax.struct.PyTreeNode):
+    """Everything a run carries from one task to the next; a pytree, so it checkpoints, vmaps and shards.
+
+    Attributes:
+      params: model parameters (an ``nnx.State``).
+      opt_state: the optax optimizer state.
+      strategy_state: the strategy's state.
+      key: the run's PRNG key; each task and step folds its index in, never advancing it in place.
+      step: global optimizer steps taken so far (int32).
+      diverged_step: first global step whose loss was NaN or inf, ``-1`` while finite (int32).
+    """
+
+    params: Params
+    opt_state: optax.OptState
+    strategy_state: PyTree
+    key: PRNGKeyArray
+    step: Int[Array, ""]
+    diverged_step: Int[Array, ""]
+
+
+class TaskOutput(flax.struct.PyTreeNode):
+    """What one call of the task program returns (per seed)."""
+
+    acc_row: Float[Array, " task"]  # accuracy on every task after this task's training
+    curve: Float[Array, "evals task"]  # accuracy on every task at the in-task evaluation points
+    loss: Float[Array, " points"]  # mean training loss since the previous evaluation point
+
+
+def masked_cross_entropy(
+    logits: Float[Array, "b c"], labels: Int[Array, " b"], mask: Bool[Array, "b c"]
+) -> Float[Array, " b"]:
+    """Softmax cross-entropy over the output units a task may use (the others masked to ``-inf``)."""
+    logits = jnp.where(mask, logits, -jnp.inf)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+class Learner:
+    """A model, an optax optimizer and a strategy, compiled to run a task stream.
+
+    Args:
+      model: builds the Flax NNX model from ``nnx.Rngs`` (called once per seed, under ``vmap``).
+      optimizer: any ``optax.GradientTransformation``.
+      strategy: a :class:`Strategy` (``Naive()``, ``Joint()``, ...).
+      config: a :class:`TrainConfig`.
+
+    Example:
+      >>> import optax
+      >>> from flax import nnx
+      >>> from nestlearn import continual, nn, tasks
+      >>> stream = tasks.split_digits("task")
+      >>> learner = continual.Learner(lambda rngs: nn.MLP(64, (32,), 10, rngs=rngs),
+      ...     optax.sgd(0.1), continual.Naive(), continual.TrainConfig(steps_per_task=20, batch_size=32))
+      >>> result = learner.run(stream, seeds=[0, 1])
+      >>> result.acc_matrix.shape
+      (2, 5, 5)
+    """
+
+    def __init__(
+        self,
+        model: Callable[[nnx.Rngs], nnx.Module],
+        optimizer: optax.GradientTransformation,
+        strategy: Strategy,
+        config: TrainConfig,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.strategy = strategy
+        self.config = config
+        self._graphdef = nnx.split(jax.eval_shape(lambda: model(nnx.Rngs(0))))[0]
+        self._init = jax.jit(jax.vmap(self._init_one, in_axes=(0, None)))
+        self._evaluate_init = jax.jit(jax.vmap(self._evaluate, in_axes=(0, None)))
+        self._task = jax.jit(
+            lambda state, stream, task, n_epochs: jax.vmap(
+                functools.partial(self._run_task_one, n_epochs=n_epochs), in_axes=(0, None, None)
+            )(state, stream, task),
+            static_argnums=3,
+            donate_argnums=0,
+        )
+
+    # -- the pure, per-seed pieces --------------------------------------------------------------
+
+    def apply(self, params: Params, x: Float[Array, "b d"]) -> Float[Array, "b c"]:
+        """The model as a pure function of its parameters."""
+        return nnx.merge(self._graphdef, params)(x)
+
+    def _init_one(self, key: PRNGKeyArray, stream: TaskStream) -> RunState:
+        k_model, k_run = jax.random.split(key)
+        params = nnx.split(self.model(nnx.Rngs(k_model)))[1]
+        return RunState(
+            params=params,
+            opt_state=self.optimizer.init(params),
+            strategy_state=self.strategy.init(params, stream),
+            key=k_run,
+            step=jnp.zeros((), jnp.int32),
+            diverged_step=jnp.full((), -1, jnp.int32),
+        )
+
+    def _evaluate(self, params: Params, stream: TaskStream) -> Float[Array, " task"]:
+        """Accuracy on every task's test set (tasks in sequence with ``lax.map`` to bound memory)."""
+
+        def one(task):
+            x, y, valid = stream.test_set(task)
+            logits = jnp.where(stream.class_mask[task], self.apply(params, x), -jnp.inf)
+            hit = (jnp.argmax(logits, -1) == y) & valid
+            return hit.sum() / jnp.maximum(valid.sum(), 1)
+
+        return jax.lax.map(one, jnp.arange(stream.n_tasks, dtype=jnp.int32)).astype(jnp.float32)
+
+    def _loss(self, params, strategy_state, batch: Batch, stream: TaskStream):
+        logits = self.apply(params, batch.x)
+        task_loss = masked_cross_entropy(logits, batch.y, stream.class_mask[batch.task]).mean()
+        return task_loss + self.strategy.penalty(strategy_state, params, batch, self.apply), task_loss
+
+    def _run_task_one(self, state: RunState, stream: TaskStream, task: Int[Array, ""], *, n_epochs: int):
+        cfg = self.config
+        b = cfg.batch_size
+        task = jnp.asarray(task, jnp.int32)
+        task_key = jax.random.fold_in(state.key, task)
+        n = stream.train_n[task]
+        # Reshuffled epochs: row e of `order` lists the task's valid examples in a fresh random order
+        # (padding rows sort last). Example p of the task's sequence is order[p // n, p % n].
+        valid = jnp.arange(stream.max_train) < n
+        sort_keys = jax.random.uniform(jax.random.fold_in(task_key, 0), (n_epochs, stream.max_train))
+        order = jnp.argsort(jnp.where(valid, sort_keys, 2.0), axis=1).astype(jnp.int32)
+
+        opt_state = jax.tree.map(
+            lambda fresh, old: jnp.where(cfg.reset_optimizer, fresh, old),
+            self.optimizer.init(state.params),
+            state.opt_state,
+        )
+        state = state.replace(
+            opt_state=opt_state,
+            strategy_state=self.strategy.begin_task(state.strategy_state, state.params, task),
+        )
+
+        def step(state: RunState, s):
+            p = s * b + jnp.arange(b, dtype=jnp.int32)
+            pos = order[p // n, p % n]
+            x, y = stream.train_examples(jnp.full((b,), task), pos)
+            step_key = jax.random.fold_in(task_key, state.step + 1)
+            batch = self.strategy.train_batch(
+                state.strategy_state, stream, Batch(x=x, y=y, task=jnp.full((b,), task)), task, step_key
+            )
+            (_, task_loss), grads = jax.value_and_grad(self._loss, has_aux=True)(
+                state.params, state.strategy_state, batch, stream
+            )
+            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            finite = jnp.isfinite(task_loss)
+            new = state.replace(
+                params=params,
+                opt_state=opt_state,
+                strategy_state=self.strategy.after_step(state.strategy_state, params, grads, batch),
+                step=state.step + 1,
+                diverged_step=jnp.where((state.diverged_step < 0) & ~finite, state.step, state.diverged_step),
+            )
+            return new, task_loss
+
+        def run_steps(state, first, count):
+            state, losses = jax.lax.scan(step, state, first + jnp.arange(count, dtype=jnp.int32))
+            return state, losses.mean()
+
+        n_inside = cfg.evals_inside_task
+        curve = jnp.zeros((0, stream.n_tasks), jnp.float32)
+        chunk_losses = jnp.zeros((0,), jnp.float32)
+        if n_inside:
+
+            def chunk(state, c):
+                state, loss = run_steps(state, c * cfg.eval_every, cfg.eval_every)
+                return state, (self._evaluate(state.params, stream), loss)
+
+            state, (curve, chunk_losses) = jax.lax.scan(chunk, state, jnp.arange(n_inside, dtype=jnp.int32))
+        done = n_inside * (cfg.eval_every or 0)
+        state, last_loss = run_steps(state, done, cfg.steps_per_task - done)
+        state = state.replace(
+            strategy_state=self.strategy.end_task(
+                state.strategy_state, state.params, stream, task, jax.random.fold_in(task_key, 1)
+            )
+        )
+        acc_row = self._evaluate(state.params, stream)
+        return state, TaskOutput(
+            acc_row=acc_row, curve=curve, loss=jnp.concatenate([chunk_losses, last_loss[None]])
+        )
+
+    # -- the host side ---------------------------------------------------------------------------
+
+    def init(self, stream: TaskStream, seeds: Sequence[int], mesh: Mesh | None = None) -> RunState:
+        """The state of every seed before training, with the seed axis sharded over ``mesh`` if given."""
+        keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(np.asarray(seeds, np.uint32)))  # raw uint32 keys checkpoint as plain arrays
+        if mesh is not None:
+            keys = jax.device_put(keys, seed_sharding(mesh))
+        return self._init(keys, stream)
+
+    def evaluate(self, state: RunState, stream: TaskStream) -> Float[Array, "seed task"]:
+        """Accuracy of every seed on every task (used for the accuracies before training)."""
+        return self._evaluate_init(state.params, stream)
+
+    def run_task(self, state: RunState, stream: TaskStream, task: int) -> tuple[RunState, TaskOutput]:
+        """Trains every seed on task ``task`` with one call of the compiled program.
+
+        ``state`` is donated: use the returned state, not the argument, afterwards.
+        """
+        n_epochs = math.ceil(self.config.steps_per_task * self.config.batch_size / int(np.min(stream.train_n)))
+        return self._task(state, stream, jnp.asarray(task, jnp.int32), n_epochs)
+
+    def run(
+        self,
+        stream: TaskStream,
+        seeds: Sequence[int],
+        *,
+        mesh: Mesh | None = None,
+        on_task_end: Callable[[int, RunState, StreamResult], None] | None = None,
+    ) -> StreamResult:
+        """Runs the whole stream for every seed and returns the results.
+
+        Args:
+          stream: the task stream.
+          seeds: one run per seed, vmapped (and sharded over ``mesh``).
+          mesh: optional device mesh with one axis named ``"seeds"`` (see :func:`seed_mesh`).
+          on_task_end: called on the host after each task with the task index, the state and the
+            results so far (rows of later tasks still zero).
+
+        Returns:
+          A :class:`StreamResult`.
+        """
+        state = self.init(stream, seeds, mesh)
+        recorder = Recorder(self.config, stream, len(seeds))
+        recorder.record_init(self.evaluate(state, stream))
+        for task in range(stream.n_tasks):
+            state, out = self.run_task(state, stream, task)
+            recorder.record_task(task, out, state.diverged_step)
+            if on_task_end is not None:
+                on_task_end(task, state, recorder.result())
+        return recorder.result()
+
+
+class Recorder:
+    """Accumulates task outputs on the host into the arrays of a :class:`StreamResult`.
+
+    Its arrays are plain numpy, so they checkpoint with the run state and restore exactly.
+    """
+
+    def __init__(self, config: TrainConfig, stream: TaskStream, n_seeds: int) -> None:
+        self.config = config
+        self.task_names = stream.task_names or tuple(f"task {t}" for t in range(stream.n_tasks))
+        t, per = stream.n_tasks, config.evals_inside_task + 1
+        steps_in_task = [(i + 1) * (config.eval_every or 0) for i in range(per - 1)] + [config.steps_per_task]
+        self.curve_steps = np.array(
+            [0] + [task * config.steps_per_task + s for task in range(t) for s in steps_in_task], np.int64
+        )
+        self.curve_task = np.array([-1] + [task for task in range(t) for _ in range(per)], np.int64)
+        self.arrays = {
+            "acc_matrix": np.zeros((n_seeds, t, t), np.float32),
+            "acc_init": np.zeros((n_seeds, t), np.float32),
+            "curve_acc": np.zeros((n_seeds, 1 + t * per, t), np.float32),
+            "train_loss": np.full((n_seeds, 1 + t * per), np.nan, np.float32),
+            "diverged_step": np.full((n_seeds,), -1, np.int64),
+            "tasks_done": np.zeros((), np.int64),
+        }
+
+    def record_init(self, acc: Float[Array, "seed task"]) -> None:
+        self.arrays["acc_init"][:] = np.asarray(acc)
+        self.arrays["curve_acc"][:, 0] = np.asarray(acc)
+
+    def record_task(self, task: int, out: TaskOutput, diverged_step: Int[Array, " seed"]) -> None:
+        per = self.config.evals_inside_task + 1
+        sl = slice(1 + task * per, 1 + (task + 1) * per)
+        self.arrays["acc_matrix"][:, task] = np.asarray(out.acc_row)
+        self.arrays["curve_acc"][:, sl] = np.concatenate([np.asarray(out.curve), np.asarray(out.acc_row)[:, None]], 1)
+        self.arrays["train_loss"][:, sl] = np.asarray(out.loss)
+        self.arrays["diverged_step"][:] = np.asarray(diverged_step)
+        self.arrays["tasks_done"] = np.asarray(task + 1, np.int64)
+
+    def result(self) -> StreamResult:
+        a = self.arrays
+        return StreamResult(
+            acc_matrix=a["acc_matrix"].copy(),
+            acc_init=a["acc_init"].copy(),
+            curve_steps=self.curve_steps,
+            curve_task=self.curve_task,
+            curve_acc=a["curve_acc"].copy(),
+            train_loss=a["train_loss"].copy(),
+            diverged_step=a["diverged_step"].copy(),
+            steps_per_task=self.config.steps_per_task,
+            task_names=self.task_names,
+        )
+
+
+def seed_mesh(n_seeds: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A one-axis mesh named ``"seeds"`` over as many devices as evenly divide ``n_seeds``."""
+    devices = list(jax.devices() if devices is None else devices)
+    k = max(d for d in range(1, len(devices) + 1) if n_seeds % d == 0)
+    return Mesh(np.array(devices[:k]), ("seeds",))
+
+
+def seed_sharding(mesh: Mesh) -> NamedSharding:
+    """Shards the leading (seed) axis over the mesh's ``"seeds"`` axis."""
+    return NamedSharding(mesh, PartitionSpec("seeds"))

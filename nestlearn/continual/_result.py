@@ -1,0 +1,48 @@
+"""What a run of a stream returns: accuracy matrices and step-resolved curves, as numpy arrays."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamResult:
+    """Results of running one stream for ``S`` seeds (or sweep points).
+
+    Attributes:
+      acc_matrix: ``R[s, i, j]``, accuracy on task ``j`` after training task ``i``, ``[S, T, T]``.
+      acc_init: accuracy on each task before any training, ``b[s, j]``, ``[S, T]``.
+      curve_steps: global training step of each evaluation point, ``[P]``; the first point is step 0
+        (before training), then every ``eval_every`` steps inside each task and once at each task's end.
+      curve_task: the task being trained at each point, ``[P]`` (``-1`` for the point before training).
+      curve_acc: accuracy on every task at every point, ``[S, P, T]``.
+      train_loss: mean training loss between consecutive evaluation points, ``[S, P]`` (NaN at point 0).
+      diverged_step: first global step whose loss was NaN or inf, ``-1`` if the run stayed finite, ``[S]``.
+      steps_per_task: number of optimizer steps on each task.
+      task_names: one name per task.
+    """
+
+    acc_matrix: np.ndarray
+    acc_init: np.ndarray
+    curve_steps: np.ndarray
+    curve_task: np.ndarray
+    curve_acc: np.ndarray
+    train_loss: np.ndarray
+    diverged_step: np.ndarray
+    steps_per_task: int
+    task_names: tuple[str, ...]
+
+    @property
+    def n_seeds(self) -> int:
+        return self.acc_matrix.shape[0]
+
+    @property
+    def n_tasks(self) -> int:
+        return self.acc_matrix.shape[1]
+
+    @property
+    def diverged(self) -> np.ndarray:
+        """Boolean ``[S]``: which seeds produced a NaN or inf loss."""
+        return self.diverged_step >= 0

@@ -1,0 +1,256 @@
+"""Running an experiment into a run directory: build, compile once, checkpoint per task, resume exactly.
+
+The host loop calls the compiled task program once per (strategy, task). After each call it saves an
+Orbax checkpoint holding the run state and the results recorded so far, so a killed run resumes from its
+last finished task and ends with results identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from nestlearn import continual, nn, tasks
+from nestlearn._errors import ConfigError
+from nestlearn.continual import Learner, Recorder, StreamResult, TrainConfig
+from nestlearn.experiment import _rundir
+from nestlearn.experiment._config import ExperimentConfig, from_dict, to_dict, validate
+
+STRATEGIES: dict[str, Callable[[], continual.Strategy]] = {"naive": continual.Naive, "joint": continual.Joint}
+
+
+def build_stream(config: ExperimentConfig) -> tasks.TaskStream:
+    """The task stream a config names (loads data; raises ConfigError or DataError on bad input)."""
+    d = config.data
+    path = d.mnist_path or None
+    if d.stream == "permuted_mnist":
+        return tasks.permuted_mnist(d.n_tasks, seed=d.seed, path=path)
+    if d.stream == "rotated_mnist":
+        return tasks.rotated_mnist(d.n_tasks, seed=d.seed, path=path)
+    if d.stream == "split_mnist":
+        return tasks.split_mnist(d.scenario, d.n_tasks, path=path)
+    return tasks.split_digits(d.scenario, d.n_tasks, seed=d.seed)
+
+
+def build_optimizer(config: ExperimentConfig) -> optax.GradientTransformation:
+    o = config.optim
+    if o.name == "sgd":
+        return optax.sgd(o.lr, momentum=o.momentum or None)
+    return optax.adam(o.lr)
+
+
+def train_config(config: ExperimentConfig, stream: tasks.TaskStream) -> TrainConfig:
+    t = config.train
+    steps = t.steps_per_task or continual.steps_for_epochs(t.epochs, int(np.max(stream.train_n)), t.batch_size)
+    return TrainConfig(
+        steps_per_task=steps,
+        batch_size=t.batch_size,
+        eval_every=max(1, steps // t.evals_per_task),
+        reset_optimizer=config.optim.reset_per_task,
+    )
+
+
+def build_learner(config: ExperimentConfig, stream: tasks.TaskStream, strategy: str) -> Learner:
+    m = config.model
+
+    def model(rngs: nnx.Rngs) -> nn.MLP:
+        return nn.MLP(stream.input_dim, m.hidden, stream.n_classes, init=m.init, rngs=rngs)
+
+    return Learner(model, build_optimizer(config), STRATEGIES[strategy](), train_config(config, stream))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOutput:
+    """Where a run wrote its outputs, and its results per strategy."""
+
+    directory: Path
+    results: dict[str, StreamResult]
+    tables: dict[str, Path]
+    figures: list[Path]
+
+
+def prepare_directory(out: Path, config: ExperimentConfig, experiment: str, *, resume: bool, force: bool) -> None:
+    """Checks the output directory against ``--resume`` / ``--force`` before anything is written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a directory")
+    if resume:
+        cfg_file = out / "config.json"
+        if not cfg_file.exists():
+            raise ConfigError(f"--resume: {cfg_file} not found; nothing to resume in {out}")
+        try:
+            stored = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--resume: {cfg_file} is not valid JSON ({e})") from None
+        stored_cfg = from_dict(ExperimentConfig, stored.get("config", {}))
+        if stored_cfg != config:
+            now, then = to_dict(config), to_dict(stored_cfg)
+            diff = _differences(now, then)
+            raise ConfigError(f"--resume: the config differs from the stored run in {out}: {', '.join(diff)}")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise ConfigError(f"output directory {out} already exists; pass --resume to continue it or --force to replace it")
+        shutil.rmtree(out)
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in a:
+        if isinstance(a[k], dict):
+            out += _differences(a[k], b.get(k, {}), prefix + k + ".")
+        elif a[k] != b.get(k):
+            out.append(f"{prefix}{k} ({b.get(k)!r} stored, {a[k]!r} now)")
+    return out
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    out: Path,
+    *,
+    experiment: str = "experiment",
+    resume: bool = False,
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+    make_figures: bool = True,
+) -> RunOutput:
+    """Runs every strategy of ``config`` for every seed and writes the run directory.
+
+    Validates the config and loads the data before writing anything. With ``resume`` it continues from
+    the last checkpoint of ``out``.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    config = validate(config)
+    stream = build_stream(config)
+    prepare_directory(out, config, experiment, resume=resume, force=force)
+    out = Path(out)
+    seeds = list(range(config.first_seed, config.first_seed + config.seeds))
+    if not resume or not (out / "config.json").exists():
+        _rundir.write_json(
+            out / "config.json",
+            {"experiment": experiment, "config": to_dict(config), "versions": _versions()},
+        )
+    mesh = continual.seed_mesh(len(seeds)) if jax.device_count() > 1 else None
+    n_tasks = stream.n_tasks
+    total_units = n_tasks * len(config.strategies)
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
+    results: dict[str, StreamResult] = {}
+    with ocp.CheckpointManager((out / "checkpoints").absolute(), options=options) as manager:
+        latest = manager.latest_step() if resume else None
+        start = time.perf_counter()
+        units_run = 0
+        for si, name in enumerate(config.strategies):
+            result_file = out / "results" / f"{name}.npz"
+            if resume and result_file.exists() and latest is not None and latest >= (si + 1) * n_tasks:
+                results[name] = _rundir.load_result(result_file)
+                log(f"[{name}] already complete, loaded {result_file}")
+                continue
+            learner = build_learner(config, stream, name)
+            recorder = Recorder(learner.config, stream, len(seeds))
+            first_task = 0
+            if latest is not None and latest > si * n_tasks:
+                state, recorder.arrays = _restore(manager, latest, learner, stream, seeds, mesh, recorder)
+                first_task = latest - si * n_tasks
+                log(f"[{name}] resumed after task {first_task}/{n_tasks} from checkpoint {latest}")
+            else:
+                state = learner.init(stream, seeds, mesh)
+                recorder.record_init(learner.evaluate(state, stream))
+            for task in range(first_task, n_tasks):
+                state, task_out = learner.run_task(state, stream, task)
+                recorder.record_task(task, task_out, state.diverged_step)
+                manager.save(
+                    si * n_tasks + task + 1,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state), record=ocp.args.StandardSave(recorder.arrays)
+                    ),
+                )
+                units_run += 1
+                done = si * n_tasks + task + 1
+                elapsed = time.perf_counter() - start
+                eta = elapsed / units_run * (total_units - done)
+                diverged = int((recorder.arrays["diverged_step"] >= 0).sum())
+                note = f" · {diverged} of {len(seeds)} seeds diverged" if diverged else ""
+                log(
+                    f"[{name}] task {task + 1}/{n_tasks} · {done}/{total_units} done · "
+                    f"elapsed {elapsed:.1f}s · ETA {eta:.1f}s · mean acc "
+                    f"{recorder.arrays['acc_matrix'][:, task, : task + 1].mean():.3f}{note}"
+                )
+            results[name] = recorder.result()
+            _rundir.save_result(result_file, results[name])
+        manager.wait_until_finished()
+    tables = _rundir.tidy_tables(results, seeds)
+    table_paths = dict(zip(tables, _rundir.write_tables(out / "results", tables)))
+    figures = write_figures(out / "figures", results) if make_figures else []
+    _rundir.write_json(out / "status.json", {"complete": True, "strategies": list(results)})
+    for name, r in results.items():
+        ok = ~r.diverged
+        if ok.any():
+            acc = r.acc_matrix[ok, -1].mean(-1)
+            sem = acc.std(ddof=1) / np.sqrt(acc.size) if acc.size > 1 else 0.0
+            log(f"[{name}] final average accuracy {acc.mean():.4f} ± {sem:.4f} (s.e.m., {acc.size} seeds)")
+        if (~ok).any():
+            log(f"[{name}] DIVERGED seeds {np.asarray(seeds)[~ok].tolist()} at steps {r.diverged_step[~ok].tolist()}")
+    return RunOutput(directory=out, results=results, tables=table_paths, figures=figures)
+
+
+def _restore(manager, step, learner, stream, seeds, mesh, recorder):
+    abstract_state = jax.eval_shape(lambda: learner.init(stream, seeds))
+    if mesh is not None:
+        sharding = continual.seed_sharding(mesh)
+        abstract_state = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_state
+        )
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), record=ocp.args.StandardRestore(recorder.arrays)
+        ),
+    )
+    record = {k: np.asarray(v) for k, v in restored["record"].items()}
+    return restored["state"], record
+
+
+def write_figures(directory: Path, results: dict[str, StreamResult]) -> list[Path]:
+    """Forgetting curves, the average-accuracy comparison and accuracy matrices, as PDF and PNG."""
+    import matplotlib.pyplot as plt
+
+    from nestlearn import plot
+
+    paths = []
+    with plot.style():
+        n = len(results)
+        fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 2.8), sharey=True, squeeze=False)
+        for ax, (name, r) in zip(axes[0], results.items()):
+            plot.forgetting_curves(r, ax=ax)
+            ax.set_title(name)
+        paths += plot.save_figure(fig, directory / "forgetting_curves")
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(3.4, 2.6))
+        for name, r in results.items():
+            plot.average_accuracy_curve(r, ax=ax, label=name)
+        ax.legend()
+        paths += plot.save_figure(fig, directory / "average_accuracy")
+        plt.close(fig)
+        for name, r in results.items():
+            fig, ax = plt.subplots(figsize=(3.6, 3.2))
+            plot.accuracy_matrix(r.acc_matrix, ax=ax, task_names=r.task_names, title=name)
+            paths += plot.save_figure(fig, directory / f"accuracy_matrix_{name}")
+            plt.close(fig)
+    return paths
+
+
+def _versions() -> dict[str, str]:
+    import flax
+
+    return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
