@@ -256,7 +256,9 @@ class Learner:
 
     def init(self, stream: TaskStream, seeds: Sequence[int], mesh: Mesh | None = None) -> RunState:
         """The state of every seed before training, with the seed axis sharded over ``mesh`` if given."""
-        keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(np.asarray(seeds, np.uint32)))  # raw uint32 keys checkpoint as plain arrays
+        keys = jax.vmap(jax.random.PRNGKey)(
+            jnp.asarray(np.asarray(seeds, np.uint32))
+        )  # raw uint32 keys checkpoint as plain arrays
         if mesh is not None:
             keys = jax.device_put(keys, seed_sharding(mesh))
         return self._init(keys, stream)
@@ -270,7 +272,9 @@ class Learner:
 
         ``state`` is donated: use the returned state, not the argument, afterwards.
         """
-        n_epochs = math.ceil(self.config.steps_per_task * self.config.batch_size / int(np.min(stream.train_n)))
+        n_epochs = math.ceil(
+            self.config.steps_per_task * self.config.batch_size / int(np.min(stream.train_n))
+        )
         return self._task(state, stream, jnp.asarray(task, jnp.int32), n_epochs)
 
     def run(
@@ -336,7 +340,9 @@ class Recorder:
         per = self.config.evals_inside_task + 1
         sl = slice(1 + task * per, 1 + (task + 1) * per)
         self.arrays["acc_matrix"][:, task] = np.asarray(out.acc_row)
-        self.arrays["curve_acc"][:, sl] = np.concatenate([np.asarray(out.curve), np.asarray(out.acc_row)[:, None]], 1)
+        self.arrays["curve_acc"][:, sl] = np.concatenate(
+            [np.asarray(out.curve), np.asarray(out.acc_row)[:, None]], 1
+        )
         self.arrays["train_loss"][:, sl] = np.asarray(out.loss)
         self.arrays["diverged_step"][:] = np.asarray(diverged_step)
         self.arrays["tasks_done"] = np.asarray(task + 1, np.int64)

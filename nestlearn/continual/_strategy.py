@@ -99,8 +99,7 @@ class Joint(Strategy):
         k_task, k_pos = jax.random.split(key)
         tasks = jax.random.randint(k_task, (b,), 0, task + 1, dtype=jnp.int32)
         u = jax.random.uniform(k_pos, (b,))
-        pos = jnp.minimum((u * stream.train_n[tasks]).astype(jnp.int32), stream.train_n[tasks] - 1)
+        n = stream.train_n[tasks]
+        pos = jnp.minimum((u * n.astype(jnp.float32)).astype(jnp.int32), n - 1)
         x, y = stream.train_examples(tasks, pos)
         return Batch(x=x, y=y, task=tasks)
-
-

@@ -11,8 +11,8 @@ from nestlearn.experiment._config import (
     to_dict,
     validate,
 )
-from nestlearn.experiment._rundir import load_result, save_result, tidy_tables
 from nestlearn.experiment._run import RunOutput, build_learner, build_stream, run_experiment, write_figures
+from nestlearn.experiment._rundir import load_result, save_result, tidy_tables
 
 __all__ = [
     "DataConfig",

@@ -30,7 +30,15 @@ def load_experiment(name: str) -> tuple[str, ModuleType]:
             if not isinstance(getattr(module, "CONFIG", None), ExperimentConfig):
                 raise ConfigError(f"experiment file {path} defines no CONFIG = ExperimentConfig(...)")
             return path.stem, module
-    known = sorted({p.stem for d in experiment_dirs() if d.is_dir() for p in d.glob("*.py") if not p.stem.startswith("_")})
+    known = sorted(
+        {
+            p.stem
+            for d in experiment_dirs()
+            if d.is_dir()
+            for p in d.glob("*.py")
+            if not p.stem.startswith("_")
+        }
+    )
     raise ConfigError(f"unknown experiment {name!r}; known: {', '.join(known) or 'none'}")
 
 
@@ -47,12 +55,20 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an experiment from experiments/ into a run directory")
     run.add_argument("experiment", help="experiment name (a file under experiments/) or path to one")
-    run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config field, e.g. --set optim.lr=0.1 (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set optim.lr=0.1 (repeatable)",
+    )
     run.add_argument("--out", type=Path, default=None, help="run directory (default: runs/EXPERIMENT)")
     run.add_argument("--quick", action="store_true", help="a small, fast version of the experiment")
     group = run.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_true", help="continue a run directory from its last checkpoint")
+    group.add_argument(
+        "--resume", action="store_true", help="continue a run directory from its last checkpoint"
+    )
     group.add_argument("--force", action="store_true", help="replace an existing run directory")
     sub.add_parser("list", help="list the experiments")
     return parser

@@ -196,7 +196,9 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         if not value > 0:
             raise ConfigError(f"{key} must be positive, got {value!r}")
     if config.train.steps_per_task < 0:
-        raise ConfigError(f"train.steps_per_task must be positive (or 0 to use epochs), got {config.train.steps_per_task}")
+        raise ConfigError(
+            f"train.steps_per_task must be positive (or 0 to use epochs), got {config.train.steps_per_task}"
+        )
     if not 0 <= config.optim.momentum < 1:
         raise ConfigError(f"optim.momentum must be in [0, 1), got {config.optim.momentum!r}")
     if any(h <= 0 for h in config.model.hidden):

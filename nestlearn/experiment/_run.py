@@ -52,7 +52,9 @@ def build_optimizer(config: ExperimentConfig) -> optax.GradientTransformation:
 
 def train_config(config: ExperimentConfig, stream: tasks.TaskStream) -> TrainConfig:
     t = config.train
-    steps = t.steps_per_task or continual.steps_for_epochs(t.epochs, int(np.max(stream.train_n)), t.batch_size)
+    steps = t.steps_per_task or continual.steps_for_epochs(
+        t.epochs, int(np.max(stream.train_n)), t.batch_size
+    )
     return TrainConfig(
         steps_per_task=steps,
         batch_size=t.batch_size,
@@ -80,7 +82,9 @@ class RunOutput:
     figures: list[Path]
 
 
-def prepare_directory(out: Path, config: ExperimentConfig, experiment: str, *, resume: bool, force: bool) -> None:
+def prepare_directory(
+    out: Path, config: ExperimentConfig, experiment: str, *, resume: bool, force: bool
+) -> None:
     """Checks the output directory against ``--resume`` / ``--force`` before anything is written."""
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -101,7 +105,9 @@ def prepare_directory(out: Path, config: ExperimentConfig, experiment: str, *, r
         return
     if out.exists() and any(out.iterdir()):
         if not force:
-            raise ConfigError(f"output directory {out} already exists; pass --resume to continue it or --force to replace it")
+            raise ConfigError(
+                f"output directory {out} already exists; pass --resume to continue it or --force to replace it"
+            )
         shutil.rmtree(out)
 
 
@@ -200,7 +206,9 @@ def run_experiment(
             sem = acc.std(ddof=1) / np.sqrt(acc.size) if acc.size > 1 else 0.0
             log(f"[{name}] final average accuracy {acc.mean():.4f} ± {sem:.4f} (s.e.m., {acc.size} seeds)")
         if (~ok).any():
-            log(f"[{name}] DIVERGED seeds {np.asarray(seeds)[~ok].tolist()} at steps {r.diverged_step[~ok].tolist()}")
+            log(
+                f"[{name}] DIVERGED seeds {np.asarray(seeds)[~ok].tolist()} at steps {r.diverged_step[~ok].tolist()}"
+            )
     return RunOutput(directory=out, results=results, tables=table_paths, figures=figures)
 
 

@@ -130,4 +130,6 @@ def tidy_tables(results: dict[str, StreamResult], seeds: list[int]) -> dict[str,
 
 def write_tables(directory: Path, tables: dict[str, pd.DataFrame]) -> list[Path]:
     """Writes each table as CSV (atomically); pandas reads them back with ``pd.read_csv``."""
-    return [atomic_write(Path(directory) / f"{name}.csv", df.to_csv(index=False)) for name, df in tables.items()]
+    return [
+        atomic_write(Path(directory) / f"{name}.csv", df.to_csv(index=False)) for name, df in tables.items()
+    ]

@@ -1,0 +1,18 @@
+"""Task streams as arrays on device: permuted, rotated and split MNIST, split digits, and their data."""
+
+from nestlearn.tasks._builders import permuted_mnist, rotated_mnist, split_digits, split_mnist
+from nestlearn.tasks._data import MnistData, load_digits, load_mnist, read_idx
+from nestlearn.tasks._stream import TaskStream, identity_features
+
+__all__ = [
+    "MnistData",
+    "TaskStream",
+    "identity_features",
+    "load_digits",
+    "load_mnist",
+    "permuted_mnist",
+    "read_idx",
+    "rotated_mnist",
+    "split_digits",
+    "split_mnist",
+]

@@ -1,0 +1,23 @@
+"""Paper figures of continual-learning runs, matplotlib only: curves, the accuracy matrix, atomic saving."""
+
+from nestlearn.plot._figures import (
+    DOUBLE_COLUMN,
+    SINGLE_COLUMN,
+    STYLE,
+    accuracy_matrix,
+    average_accuracy_curve,
+    forgetting_curves,
+    save_figure,
+    style,
+)
+
+__all__ = [
+    "DOUBLE_COLUMN",
+    "SINGLE_COLUMN",
+    "STYLE",
+    "accuracy_matrix",
+    "average_accuracy_curve",
+    "forgetting_curves",
+    "save_figure",
+    "style",
+]
