@@ -1,0 +1,203 @@
+"""The CLI and run directories: clear one-line errors that write nothing, tidy tables, exact resume."""
+
+import gzip
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from nestlearn import metrics
+from nestlearn.experiment import ExperimentConfig, from_dict, load_result, override, run_experiment
+from nestlearn.experiment._cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+# A small permuted-MNIST run: 4 tasks x 2 strategies, 2 seeds, a narrow MLP.
+SMALL = [
+    "--set", "data.n_tasks=4", "--set", "seeds=2", "--set", "model.hidden=32",
+    "--set", "train.epochs=1", "--set", "train.evals_per_task=2",
+]  # fmt: skip
+
+
+def cli(args, capsys):
+    rc = main(["run", "permuted_mnist_forgetting", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, err
+
+
+@pytest.mark.parametrize(
+    "sets, expected",
+    [
+        (["optim.lrr=1"], "unknown config key 'optim.lrr'"),
+        (["train.batch_size=abc"], "train.batch_size: expected an integer, got 'abc'"),
+        (["optim.lr=0"], "optim.lr must be positive, got 0.0"),
+        (["optim.lr=-0.1"], "optim.lr must be positive"),
+        (["train.batch_size=0"], "train.batch_size must be positive, got 0"),
+        (["train.steps_per_task=-5"], "train.steps_per_task must be positive"),
+        (["train.epochs=0"], "train.epochs must be positive"),
+        (["seeds=0"], "seeds must be positive"),
+        (["strategies=naive,ewc"], "strategies: 'ewc' is not one of 'naive', 'joint'"),
+        (["data.stream=split_mnist", "data.n_tasks=6"], "n_tasks"),
+        (["optim.reset_per_task=maybe"], "optim.reset_per_task: expected true or false"),
+    ],
+)
+def test_bad_config_gets_one_line_error_and_writes_nothing(tmp_path, capsys, sets, expected):
+    out = tmp_path / "run"
+    rc, err = cli([*[a for s in sets for a in ("--set", s)], "--out", str(out)], capsys)
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("nestlearn: error: ") and expected in err[0]
+    assert not out.exists()
+
+
+def test_task_count_error_names_the_allowed_range(tmp_path, capsys):
+    rc, err = cli(
+        ["--set", "data.stream=split_mnist", "--set", "data.n_tasks=6", "--out", str(tmp_path / "r")], capsys
+    )
+    assert rc == 2 and "6" in err[0] and "5" in err[0]
+
+
+def write_idx(path: Path, array: np.ndarray, *, truncate: int = 0) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(data[: len(data) - truncate] if truncate else data)
+
+
+def test_missing_idx_file_is_named(tmp_path, capsys):
+    idx = tmp_path / "mnist"
+    idx.mkdir()
+    rng = np.random.default_rng(0)
+    write_idx(idx / "train-images-idx3-ubyte", rng.integers(0, 255, (20, 28, 28)))
+    write_idx(idx / "train-labels-idx1-ubyte", np.arange(20) % 10)
+    write_idx(idx / "t10k-images-idx3-ubyte", rng.integers(0, 255, (10, 28, 28)))
+    rc, err = cli(["--set", f"data.mnist_path={idx}", "--out", str(tmp_path / "run")], capsys)
+    assert rc == 2 and "t10k-labels-idx1-ubyte" in err[0] and len(err) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_idx_file_is_named(tmp_path, capsys):
+    idx = tmp_path / "mnist"
+    idx.mkdir()
+    rng = np.random.default_rng(0)
+    write_idx(idx / "train-images-idx3-ubyte", rng.integers(0, 255, (20, 28, 28)), truncate=100)
+    write_idx(idx / "train-labels-idx1-ubyte", np.arange(20) % 10)
+    write_idx(idx / "t10k-images-idx3-ubyte", rng.integers(0, 255, (10, 28, 28)))
+    (idx / "t10k-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(b"\x00\x00\x08\x01" + struct.pack(">I", 10) + bytes(10))
+    )
+    rc, err = cli(["--set", f"data.mnist_path={idx}", "--out", str(tmp_path / "run")], capsys)
+    assert rc == 2 and "train-images-idx3-ubyte" in err[0] and len(err) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_directory_needs_resume_or_force(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    rc, err = cli(["--out", str(out)], capsys)
+    assert rc == 2 and "already exists" in err[0] and "--resume" in err[0] and "--force" in err[0]
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_unknown_experiment_lists_the_known_ones(capsys):
+    assert main(["run", "no_such_experiment"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown experiment 'no_such_experiment'" in err and "permuted_mnist_forgetting" in err
+
+
+def test_run_directory_holds_config_tables_arrays_and_figures(tmp_path):
+    config = override(
+        ExperimentConfig(),
+        ["data.stream=split_digits", "data.scenario=task", "data.n_tasks=3", "seeds=2", "model.hidden=16",
+         "train.steps_per_task=12", "train.batch_size=16", "train.evals_per_task=3"],
+    )  # fmt: skip
+    out = run_experiment(config, tmp_path / "run", experiment="test", log=lambda m: None)
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert from_dict(ExperimentConfig, stored["config"]) == config
+    for name in ("naive", "joint"):
+        r = load_result(tmp_path / "run" / "results" / f"{name}.npz")
+        np.testing.assert_array_equal(r.acc_matrix, out.results[name].acc_matrix)
+        table = pd.read_csv(out.tables["accuracy_matrix"]).query("strategy == @name")
+        pivot = table.pivot_table(index=["seed", "trained_task"], columns="eval_task", values="accuracy")
+        np.testing.assert_allclose(pivot.to_numpy().reshape(2, 3, 3), r.acc_matrix, atol=1e-6)
+        summary = pd.read_csv(out.tables["summary"]).query("strategy == @name").sort_values("seed")
+        np.testing.assert_allclose(
+            summary["backward_transfer"], metrics.backward_transfer(r.acc_matrix), atol=1e-6
+        )
+        np.testing.assert_allclose(
+            summary["forward_transfer"], metrics.forward_transfer(r.acc_matrix, r.acc_init), atol=1e-6
+        )
+        curves = pd.read_csv(out.tables["curves"]).query("strategy == @name")
+        # 1 point before training + 3 per task (steps 4, 8, 12 of each task), 3 tasks evaluated at each.
+        assert len(curves) == 2 * (1 + 3 * 3) * 3
+        assert sorted(curves["step"].unique()) == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36]
+    names = sorted(p.name for p in (tmp_path / "run" / "figures").iterdir())
+    for stem in ("forgetting_curves", "average_accuracy", "accuracy_matrix_naive", "accuracy_matrix_joint"):
+        assert f"{stem}.pdf" in names and f"{stem}.png" in names
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["complete"] is True
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    config = override(ExperimentConfig(), ["data.stream=split_digits", "data.n_tasks=2", "seeds=1",
+                                           "train.steps_per_task=4", "strategies=naive"])  # fmt: skip
+    run_experiment(config, tmp_path / "run", log=lambda m: None, make_figures=False)
+    changed = override(config, ["optim.lr=0.5"])
+    with pytest.raises(Exception, match=r"optim.lr \(0.01 stored, 0.5 now\)"):
+        run_experiment(changed, tmp_path / "run", resume=True, log=lambda m: None)
+
+
+def _cli_process(out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "nestlearn.experiment._cli",
+        "run",
+        "permuted_mnist_forgetting",
+        *SMALL,
+        "--out",
+        str(out),
+        *extra,
+    ]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finished_checkpoints(out: Path) -> list[int]:
+    ckpt = out / "checkpoints"
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+
+
+def test_sigkill_mid_stream_then_resume_gives_identical_results(tmp_path):
+    reference = _cli_process(tmp_path / "ref")
+    killed = _cli_process(tmp_path / "killed")
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(s >= 2 for s in _finished_checkpoints(tmp_path / "killed")):
+        assert killed.poll() is None, killed.communicate()
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    done = _finished_checkpoints(tmp_path / "killed")
+    assert killed.returncode == -signal.SIGKILL and 2 <= max(done) < 8, done  # 8 = 4 tasks x 2 strategies
+    assert not (tmp_path / "killed" / "status.json").exists()
+
+    resumed = _cli_process(tmp_path / "killed", "--resume")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert f"resumed after task {max(done) % 4 or 4}/4" in err or "already complete" in err
+    _, ref_err = reference.communicate(timeout=600)
+    assert reference.returncode == 0, ref_err
+    for name in ("naive", "joint"):
+        a = np.load(tmp_path / "ref" / "results" / f"{name}.npz")
+        b = np.load(tmp_path / "killed" / "results" / f"{name}.npz")
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}:{key}")
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "ref" / "results" / "curves.csv"),
+        pd.read_csv(tmp_path / "killed" / "results" / "curves.csv"),
+    )
