@@ -272,10 +272,11 @@ class Learner:
 
         ``state`` is donated: use the returned state, not the argument, afterwards.
         """
-        n_epochs = math.ceil(
-            self.config.steps_per_task * self.config.batch_size / int(np.min(stream.train_n))
-        )
-        return self._task(state, stream, jnp.asarray(task, jnp.int32), n_epochs)
+        return self._task(state, stream, jnp.asarray(task, jnp.int32), self._n_epochs(stream))
+
+    def _n_epochs(self, stream: TaskStream) -> int:
+        """Reshuffled epochs a task can need: enough for the smallest task (a static shape)."""
+        return math.ceil(self.config.steps_per_task * self.config.batch_size / int(np.min(stream.train_n)))
 
     def run(
         self,

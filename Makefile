@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine (Python >= 3.11 with venv):
+#   make run    builds .venv, then runs the permuted-MNIST forgetting-curve experiment into runs/
+#   make test   builds .venv, then runs lint and every test, notebooks included (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/nestlearn run permuted_mnist_forgetting --out runs/permuted_mnist_forgetting-$$(date +%Y%m%d-%H%M%S)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q
+
+# Peers (Avalanche, PyTorch) install into their own environment; see benchmarks/README.md.
+bench: $(STAMP)
+	$(PY) benchmarks/permuted_mnist.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,182 @@
+"""Permuted-MNIST benchmark: nestlearn against Avalanche 0.6 and a plain PyTorch loop, in one run.
+
+    python benchmarks/permuted_mnist.py [--peer-python PY] [--seeds 5] [--scaling 1,8,32] [--skip-peers]
+
+Workload (issue #2): the bundled 5k MNIST (stratified 4,000 / 1,000 with seed 0, pixels in [0, 1]),
+10 tasks each with its own pixel permutation, MLP 784-256-256-10 ReLU with one shared head, SGD lr 0.01
+momentum 0.9, batch 64, 2 epochs per task, every task evaluated after each task, 5 seeds. The peers get
+the very same arrays (written here to an .npz) and run their seeds one after another in one process
+with torch limited to 2 threads.
+
+Measured, every process started fresh and run one at a time:
+  end to end   process start to results written (interpreter, imports, data, compilation included);
+  compiled     nestlearn: median of repeated runs of the compiled program (init, training, evaluation);
+               peers: their training + evaluation time summed over seeds (imports and data excluded);
+  accuracy     final average accuracy (mean of the last row of R), mean over seeds;
+  scaling      nestlearn with 1, 8 and 32 seeds in one program: compiled time, peak RSS, XLA's
+               memory analysis of the task program.
+Writes benchmarks/results/permuted_mnist.json and prints a markdown table. Peers need
+``pip install -e '.[bench]'`` (torch 2.14.1, torchvision 0.29.1, avalanche-lib 0.6.0) in the
+interpreter given by --peer-python (default: this one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def write_peer_data(path: Path) -> None:
+    """The stream nestlearn trains on, materialised per task for the peers."""
+    import jax.numpy as jnp
+
+    from nestlearn import tasks
+
+    stream = tasks.permuted_mnist(10, seed=0)
+    arrays = {"train_x": [], "train_y": [], "test_x": [], "test_y": []}
+    for t in range(stream.n_tasks):
+        n = int(stream.train_n[t])
+        x, y = stream.train_examples(jnp.full((n,), t), jnp.arange(n))
+        tx, ty, valid = stream.test_set(jnp.asarray(t))
+        arrays["train_x"].append(np.asarray(x, np.float32))
+        arrays["train_y"].append(np.asarray(y, np.int64))
+        arrays["test_x"].append(np.asarray(tx)[np.asarray(valid)].astype(np.float32))
+        arrays["test_y"].append(np.asarray(ty)[np.asarray(valid)].astype(np.int64))
+    np.savez(path, **{k: np.stack(v) for k, v in arrays.items()})
+
+
+def timed(cmd: list[str], out: Path) -> tuple[dict, float]:
+    """Runs a benchmark process; returns its JSON and the wall time from start to results written."""
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    written = result.get("results_written_at")
+    return result, (written - start if written else wall)
+
+
+def summarize(result: dict) -> dict:
+    acc = np.asarray(result["final_avg_acc"])
+    return {"final_acc_mean": float(acc.mean()), "final_acc_sem": float(acc.std(ddof=1) / np.sqrt(acc.size))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--peer-python", default=sys.executable)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--scaling", default="1,8,32")
+    p.add_argument("--skip-peers", action="store_true")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "permuted_mnist.json")
+    args = p.parse_args()
+    report: dict = {"seeds": args.seeds, "machine": _machine()}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = tmp / "permuted_mnist.npz"
+        write_peer_data(data)
+        nl_out = tmp / "nestlearn.json"
+        cmd = [sys.executable, str(HERE / "nestlearn_permuted.py"), "--seeds", str(args.seeds),
+               "--repeats", str(args.repeats), "--data", str(data), "--out", str(nl_out)]  # fmt: skip
+        nl, nl_e2e = timed(cmd, nl_out)
+        report["nestlearn"] = {
+            "end_to_end_s": nl_e2e,
+            "compiled_s": statistics.median(nl["compiled_seconds"]),
+            "compiled_runs_s": nl["compiled_seconds"],
+            **summarize(nl),
+        }
+        print(
+            f"nestlearn: end to end {nl_e2e:.1f}s, compiled {report['nestlearn']['compiled_s']:.1f}s",
+            flush=True,
+        )
+        if not args.skip_peers:
+            for name, script in (("avalanche", "avalanche_naive.py"), ("torch_loop", "torch_loop.py")):
+                out = tmp / f"{name}.json"
+                cmd = [args.peer_python, str(HERE / "peers" / script), "--data", str(data),
+                       "--seeds", str(args.seeds), "--threads", "2", "--out", str(out)]  # fmt: skip
+                res, e2e = timed(cmd, out)
+                report[name] = {
+                    "version": res.get("peer"),
+                    "end_to_end_s": e2e,
+                    "compiled_s": float(sum(res["train_seconds"])),
+                    **summarize(res),
+                }
+                ratio_e2e = e2e / nl_e2e
+                ratio_compiled = report[name]["compiled_s"] / report["nestlearn"]["compiled_s"]
+                report[name]["speedup_end_to_end"] = ratio_e2e
+                report[name]["speedup_compiled"] = ratio_compiled
+                report[name]["acc_diff_points"] = 100 * (
+                    report["nestlearn"]["final_acc_mean"] - report[name]["final_acc_mean"]
+                )
+                print(f"{name}: end to end {e2e:.1f}s ({ratio_e2e:.1f}x), compiled "
+                      f"{report[name]['compiled_s']:.1f}s ({ratio_compiled:.1f}x)", flush=True)  # fmt: skip
+        scaling = []
+        for s in [int(v) for v in args.scaling.split(",") if v]:
+            out = tmp / f"scaling_{s}.json"
+            cmd = [sys.executable, str(HERE / "nestlearn_permuted.py"), "--seeds", str(s), "--repeats", "1",
+                   "--out", str(out)]  # fmt: skip
+            res, e2e = timed(cmd, out)
+            row = {
+                "seeds": s,
+                "compiled_s": res["compiled_seconds"][0],
+                "per_seed_s": res["compiled_seconds"][0] / s,
+                "end_to_end_s": e2e,
+                "peak_rss_mib": res["peak_rss_bytes"] / 2**20,
+                "xla_temp_mib": res["compiled_memory"].get("temp_bytes", 0) / 2**20,
+                "xla_args_mib": res["compiled_memory"].get("argument_bytes", 0) / 2**20,
+            }
+            scaling.append(row)
+            print(f"scaling {s} seeds: {row['compiled_s']:.1f}s ({row['per_seed_s']:.2f}s/seed), "
+                  f"RSS {row['peak_rss_mib']:.0f} MiB, XLA temp {row['xla_temp_mib']:.1f} MiB", flush=True)  # fmt: skip
+        report["scaling"] = scaling
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"| {report['seeds']} seeds, 10 tasks | end to end (s) | compiled (s) | final avg acc |"
+        " speed-up end to end | speed-up compiled |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ("nestlearn", "avalanche", "torch_loop"):
+        if name not in report:
+            continue
+        r = report[name]
+        e2e = f"{r['speedup_end_to_end']:.1f}x" if "speedup_end_to_end" in r else "-"
+        comp = f"{r['speedup_compiled']:.1f}x" if "speedup_compiled" in r else "-"
+        lines.append(
+            f"| {r.get('version', name)} | {r['end_to_end_s']:.1f} | {r['compiled_s']:.1f} | "
+            f"{r['final_acc_mean']:.4f} ± {r['final_acc_sem']:.4f} | {e2e} | {comp} |"
+        )
+    lines += ["", "| seeds in one program | compiled (s) | per seed (s) | peak RSS (MiB) | XLA temp (MiB) |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for row in report.get("scaling", []):
+        lines.append(
+            f"| {row['seeds']} | {row['compiled_s']:.1f} | {row['per_seed_s']:.2f} | {row['peak_rss_mib']:.0f} | "
+            f"{row['xla_temp_mib']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _machine() -> dict:
+    import os
+    import platform
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+
+
+if __name__ == "__main__":
+    main()
