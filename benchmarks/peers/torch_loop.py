@@ -191,6 +191,8 @@ def main():
         "train_seconds": train_seconds,
         "setup_seconds": setup_seconds,
         "total_seconds": time.perf_counter() - T0,
+        # Wall-clock time (time.time()) just before writing; the driver measures end to end up to it.
+        "results_written_at": time.time(),
     }
     write_json_atomic(ARGS.out, result)
 

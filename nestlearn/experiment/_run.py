@@ -213,7 +213,7 @@ def run_experiment(
 
 
 def _restore(manager, step, learner, stream, seeds, mesh, recorder):
-    abstract_state = jax.eval_shape(lambda: learner.init(stream, seeds))
+    abstract_state = learner.abstract_state(stream, len(seeds))
     if mesh is not None:
         sharding = continual.seed_sharding(mesh)
         abstract_state = jax.tree.map(
@@ -239,8 +239,8 @@ def write_figures(directory: Path, results: dict[str, StreamResult]) -> list[Pat
     with plot.style():
         n = len(results)
         fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 2.8), sharey=True, squeeze=False)
-        for ax, (name, r) in zip(axes[0], results.items()):
-            plot.forgetting_curves(r, ax=ax)
+        for k, (ax, (name, r)) in enumerate(zip(axes[0], results.items())):
+            plot.forgetting_curves(r, ax=ax, legend=k == n - 1)
             ax.set_title(name)
         paths += plot.save_figure(fig, directory / "forgetting_curves")
         plt.close(fig)

@@ -204,6 +204,7 @@ def forgetting_curves(
     tasks: Iterable[int] | None = None,
     label_prefix: str = "",
     color_cycle: Sequence | None = None,
+    legend: bool = True,
 ) -> Axes:
     r"""Accuracy on each task over training, mean over seeds with a band of one standard error.
 
@@ -223,6 +224,8 @@ def forgetting_curves(
       tasks: indices of the tasks to draw; all by default.
       label_prefix: prepended to each task name in the legend (to put two strategies on one axes).
       color_cycle: colours for tasks ``0, 1, ...`` (repeated if short); matplotlib's cycle by default.
+      legend: draw the legend of task names (right of the axes); turn off for all but one of several
+        side-by-side panels.
 
     Returns:
       The axes drawn on.
@@ -275,7 +278,7 @@ def forgetting_curves(
                 start = max(int(trained[0]) - 1, 0)
                 label = f"{label_prefix}{names[j]}"
                 _mean_with_band(ax, steps[start:], acc[keep, start:, j], label, colors[j % len(colors)])
-            if ax.get_legend_handles_labels()[1]:
+            if legend and ax.get_legend_handles_labels()[1]:
                 ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         if n_diverged:
             _note_diverged(ax, n_diverged, n_seeds, label_prefix)
