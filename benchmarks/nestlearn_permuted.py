@@ -36,7 +36,7 @@ def learner_for(stream, *, strategy=None):
 
 def compiled_memory(learner, stream, seeds):
     """XLA's memory analysis of the compiled task program (bytes), where the backend reports it."""
-    state = learner.abstract_state(stream, len(seeds))
+    state = learner.abstract_state(stream, seeds)
     lowered = learner._task.lower(state, stream, np.int32(0), learner._n_epochs(stream))
     analysis = lowered.compile().memory_analysis()
     if analysis is None:

@@ -2,6 +2,7 @@
 
 import math
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,11 +96,11 @@ def test_run_records_matrix_curves_and_steps():
     assert learner._task._cache_size() == 1  # one compiled program served all three tasks
 
 
+@flax.struct.dataclass
 class CountRows(continual.Strategy):
     """Test strategy: counts how often each pool row is trained on (feature 0 encodes the row id)."""
 
-    def __init__(self, n):
-        self.n = n
+    n: int = flax.struct.field(pytree_node=False)
 
     def init(self, params, stream):
         return jnp.zeros((stream.n_tasks, self.n), jnp.int32)
@@ -245,3 +246,61 @@ def test_steps_for_epochs():
     assert continual.steps_for_epochs(2, 4000, 64) == 125  # 8000 examples: exactly two passes
     assert continual.steps_for_epochs(1, 100, 64) == 2
     assert continual.steps_for_epochs(0.5, 4000, 64) == 32
+
+
+@flax.struct.dataclass
+class ShrinkToZero(continual.Strategy):
+    """Test strategy with one hyperparameter: an L2 penalty ``lam * sum(w**2)``."""
+
+    lam: float = 0.0
+
+    def penalty(self, state, params, batch, apply):
+        return self.lam * sum(jnp.sum(w**2) for w in jax.tree.leaves(params))
+
+
+def test_sweep_over_strategy_and_optimizer_hyperparameters_equals_separate_runs():
+    stream = make_tiny_stream(n_tasks=2)
+    config = TrainConfig(steps_per_task=6, batch_size=8, eval_every=3)
+    sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)
+    learner = Learner(mlp(stream), sgd, ShrinkToZero(), config)
+    swept = learner.run(
+        stream, seeds=[0, 1], sweep={"lam": [0.0, 0.5], "optimizer.learning_rate": [0.05, 0.2]}
+    )
+    assert len(swept.runs) == 8
+    assert swept.runs[:3] == (
+        {"lam": 0.0, "optimizer.learning_rate": 0.05, "seed": 0},
+        {"lam": 0.0, "optimizer.learning_rate": 0.05, "seed": 1},
+        {"lam": 0.0, "optimizer.learning_rate": 0.2, "seed": 0},
+    )
+    for lam in (0.0, 0.5):
+        for lr in (0.05, 0.2):
+            alone = Learner(mlp(stream), optax.sgd(lr, momentum=0.9), ShrinkToZero(lam=lam), config)
+            expected = alone.run(stream, seeds=[0, 1])
+            got = swept.select(lam=lam, **{"optimizer.learning_rate": lr})
+            np.testing.assert_allclose(got.train_loss, expected.train_loss, rtol=2e-5)
+            np.testing.assert_allclose(got.curve_acc, expected.curve_acc, atol=1e-6)
+    # The penalty does act: the strongest shrinkage ends with the largest training loss.
+    by_lam = swept.groups("lam")
+    assert by_lam[(0.5,)].train_loss[:, -1].mean() > by_lam[(0.0,)].train_loss[:, -1].mean()
+    assert learner._task._cache_size() == 1
+
+
+def test_sweep_errors_name_the_hyperparameter():
+    stream = make_tiny_stream(n_tasks=2)
+    learner = Learner(mlp(stream), optax.sgd(0.1), ShrinkToZero(), TrainConfig(4, 8))
+    with pytest.raises(ConfigError, match="unknown hyperparameter 'lamda'.*fields: lam"):
+        learner.run(stream, seeds=[0], sweep={"lamda": [1.0]})
+    with pytest.raises(
+        ConfigError, match="optimizer has no hyperparameter 'learning_rate'.*inject_hyperparams"
+    ):
+        learner.run(stream, seeds=[0], sweep={"optimizer.learning_rate": [0.1]})
+    with pytest.raises(ConfigError, match="sweep 'lam' has no values"):
+        learner.run(stream, seeds=[0], sweep={"lam": []})
+
+
+def test_a_strategy_must_be_a_pytree_dataclass():
+    class Plain(continual.Strategy):
+        pass
+
+    with pytest.raises(TypeError, match="Plain must be a flax.struct.dataclass"):
+        Learner(mlp(make_tiny_stream()), optax.sgd(0.1), Plain(), TrainConfig(4, 8))

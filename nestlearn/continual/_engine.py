@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import flax.struct
 import jax
@@ -80,6 +81,10 @@ class RunState(flax.struct.PyTreeNode):
     Attributes:
       params: model parameters (an ``nnx.State``).
       opt_state: the optax optimizer state.
+      strategy: the strategy itself, a pytree whose leaves are its hyperparameters, so that a sweep
+        gives every run its own values (vmapped, sharded and checkpointed with the rest).
+      opt_hparams: the optimizer hyperparameters a sweep sets in an ``optax.inject_hyperparams``
+        state, re-applied whenever the optimizer state is re-initialised (``{}`` otherwise).
       strategy_state: the strategy's state.
       key: the run's PRNG key; each task and step folds its index in, never advancing it in place.
       step: global optimizer steps taken so far (int32).
@@ -88,6 +93,8 @@ class RunState(flax.struct.PyTreeNode):
 
     params: Params
     opt_state: optax.OptState
+    strategy: Strategy
+    opt_hparams: dict[str, Array]
     strategy_state: PyTree
     key: PRNGKeyArray
     step: Int[Array, ""]
@@ -138,6 +145,11 @@ class Learner:
         strategy: Strategy,
         config: TrainConfig,
     ) -> None:
+        if not dataclasses.is_dataclass(strategy) or jax.tree.leaves(strategy) == [strategy]:
+            raise TypeError(
+                f"strategy {type(strategy).__name__} must be a flax.struct.dataclass (a pytree whose leaves "
+                "are its hyperparameters)"
+            )
         self.model = model
         self.optimizer = optimizer
         self.strategy = strategy
@@ -146,7 +158,7 @@ class Learner:
         # Initialisation runs once per run: compile it without LLVM's optimisations on CPU, where they
         # cost about two seconds (threefry for every parameter) and save a few milliseconds of run time.
         fast_compile = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-        self._init = jax.jit(jax.vmap(self._init_one, in_axes=(0, None)), compiler_options=fast_compile)
+        self._init = jax.jit(jax.vmap(self._init_one, in_axes=(0, 0, 0, None)), compiler_options=fast_compile)
         self._evaluate_init = jax.jit(jax.vmap(self._evaluate, in_axes=(0, None)))
         self._task = jax.jit(
             lambda state, stream, task, n_epochs: jax.vmap(
@@ -162,13 +174,21 @@ class Learner:
         """The model as a pure function of its parameters."""
         return nnx.merge(self._graphdef, params)(x)
 
-    def _init_one(self, key: PRNGKeyArray, stream: TaskStream) -> RunState:
+    def _init_optimizer(self, params: Params, opt_hparams: dict[str, Array]) -> optax.OptState:
+        opt_state = self.optimizer.init(params)
+        return optax.tree_utils.tree_set(opt_state, **opt_hparams) if opt_hparams else opt_state
+
+    def _init_one(
+        self, key: PRNGKeyArray, strategy: Strategy, opt_hparams: dict[str, Array], stream: TaskStream
+    ) -> RunState:
         k_model, k_run = jax.random.split(key)
         params = nnx.split(self.model(nnx.Rngs(k_model)))[1]
         return RunState(
             params=params,
-            opt_state=self.optimizer.init(params),
-            strategy_state=self.strategy.init(params, stream),
+            opt_state=self._init_optimizer(params, opt_hparams),
+            strategy=strategy,
+            opt_hparams=opt_hparams,
+            strategy_state=strategy.init(params, stream),
             key=k_run,
             step=jnp.zeros((), jnp.int32),
             diverged_step=jnp.full((), -1, jnp.int32),
@@ -185,10 +205,10 @@ class Learner:
 
         return jax.lax.map(one, jnp.arange(stream.n_tasks, dtype=jnp.int32)).astype(jnp.float32)
 
-    def _loss(self, params, strategy_state, batch: Batch, stream: TaskStream):
+    def _loss(self, params, strategy: Strategy, strategy_state, batch: Batch, stream: TaskStream):
         logits = self.apply(params, batch.x)
         task_loss = masked_cross_entropy(logits, batch.y, stream.class_mask[batch.task]).mean()
-        return task_loss + self.strategy.penalty(strategy_state, params, batch, self.apply), task_loss
+        return task_loss + strategy.penalty(strategy_state, params, batch, self.apply), task_loss
 
     def _run_task_one(self, state: RunState, stream: TaskStream, task: Int[Array, ""], *, n_epochs: int):
         cfg = self.config
@@ -202,14 +222,10 @@ class Learner:
         sort_keys = jax.random.uniform(jax.random.fold_in(task_key, 0), (n_epochs, stream.max_train))
         order = jnp.argsort(jnp.where(valid, sort_keys, 2.0), axis=1).astype(jnp.int32)
 
-        opt_state = jax.tree.map(
-            lambda fresh, old: jnp.where(cfg.reset_optimizer, fresh, old),
-            self.optimizer.init(state.params),
-            state.opt_state,
-        )
+        if cfg.reset_optimizer:
+            state = state.replace(opt_state=self._init_optimizer(state.params, state.opt_hparams))
         state = state.replace(
-            opt_state=opt_state,
-            strategy_state=self.strategy.begin_task(state.strategy_state, state.params, task),
+            strategy_state=state.strategy.begin_task(state.strategy_state, state.params, task)
         )
 
         def step(state: RunState, s):
@@ -217,11 +233,11 @@ class Learner:
             pos = order[p // n, p % n]
             x, y = stream.train_examples(jnp.full((b,), task), pos)
             step_key = jax.random.fold_in(task_key, state.step + 1)
-            batch = self.strategy.train_batch(
+            batch = state.strategy.train_batch(
                 state.strategy_state, stream, Batch(x=x, y=y, task=jnp.full((b,), task)), task, step_key
             )
             (_, task_loss), grads = jax.value_and_grad(self._loss, has_aux=True)(
-                state.params, state.strategy_state, batch, stream
+                state.params, state.strategy, state.strategy_state, batch, stream
             )
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
@@ -229,7 +245,7 @@ class Learner:
             new = state.replace(
                 params=params,
                 opt_state=opt_state,
-                strategy_state=self.strategy.after_step(state.strategy_state, params, grads, batch),
+                strategy_state=state.strategy.after_step(state.strategy_state, params, grads, batch),
                 step=state.step + 1,
                 diverged_step=jnp.where((state.diverged_step < 0) & ~finite, state.step, state.diverged_step),
             )
@@ -252,7 +268,7 @@ class Learner:
         done = n_inside * (cfg.eval_every or 0)
         state, last_loss = run_steps(state, done, cfg.steps_per_task - done)
         state = state.replace(
-            strategy_state=self.strategy.end_task(
+            strategy_state=state.strategy.end_task(
                 state.strategy_state, state.params, stream, task, jax.random.fold_in(task_key, 1)
             )
         )
@@ -263,19 +279,85 @@ class Learner:
 
     # -- the host side ---------------------------------------------------------------------------
 
-    def init(self, stream: TaskStream, seeds: Sequence[int], mesh: Mesh | None = None) -> RunState:
-        """The state of every seed before training, with the seed axis sharded over ``mesh`` if given."""
-        # Raw uint32 keys, so that checkpoints hold plain arrays.
-        keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(np.asarray(seeds, np.uint32)))
-        state = self._init(keys, stream)
+    def init(
+        self,
+        stream: TaskStream,
+        seeds: Sequence[int],
+        mesh: Mesh | None = None,
+        hparams: Mapping[str, Sequence[float]] | None = None,
+    ) -> RunState:
+        """The state of every run before training, the run axis sharded over ``mesh`` if given.
+
+        Args:
+          stream: the task stream.
+          seeds: the seed of each run.
+          mesh: optional mesh with a ``"seeds"`` axis (see :func:`seed_mesh`).
+          hparams: per-run hyperparameter values, each a sequence as long as ``seeds``: a strategy field
+            by its name (``"lam"``), or an ``optax.inject_hyperparams`` hyperparameter of the optimizer
+            as ``"optimizer.<name>"`` (``"optimizer.learning_rate"``).
+        """
+        keys, strategies, opt_hparams = self._run_inputs(seeds, hparams or {})
+        state = self._init(keys, strategies, opt_hparams, stream)
         if mesh is not None:
             state = jax.device_put(state, seed_sharding(mesh))
         return state
 
-    def abstract_state(self, stream: TaskStream, n_seeds: int) -> RunState:
-        """Shapes and dtypes of the state of ``n_seeds`` seeds, without allocating (to restore into)."""
-        keys = jax.ShapeDtypeStruct((n_seeds, 2), jnp.uint32)
-        return jax.eval_shape(jax.vmap(self._init_one, in_axes=(0, None)), keys, stream)
+    def _run_inputs(self, seeds: Sequence[int], hparams: Mapping[str, Sequence[float]]):
+        n = len(seeds)
+        fields = (
+            {f.name for f in dataclasses.fields(self.strategy)}
+            if dataclasses.is_dataclass(self.strategy)
+            else set()
+        )
+        strategy_values, opt_values = {}, {}
+        for name, values in hparams.items():
+            values = np.asarray(values, np.float32)
+            if values.shape != (n,):
+                raise ConfigError(
+                    f"hyperparameter {name!r} needs one value per run ({n}), got shape {values.shape}"
+                )
+            if name.startswith("optimizer."):
+                opt_values[name.removeprefix("optimizer.")] = jnp.asarray(values)
+            elif name in fields:
+                strategy_values[name] = values
+            else:
+                known = ", ".join(sorted(fields)) or "none"
+                raise ConfigError(
+                    f"unknown hyperparameter {name!r} for {type(self.strategy).__name__} (fields: {known}; "
+                    "optimizer hyperparameters are named 'optimizer.<name>')"
+                )
+        if opt_values:
+            probe = jax.eval_shape(self.optimizer.init, self.abstract_params())
+            missing = object()
+            for name in opt_values:
+                if optax.tree_utils.tree_get(probe, name, default=missing) is missing:
+                    raise ConfigError(
+                        f"optimizer has no hyperparameter {name!r}; wrap it in optax.inject_hyperparams to sweep it"
+                    )
+        strategies = [
+            dataclasses.replace(self.strategy, **{k: v[r] for k, v in strategy_values.items()})
+            if strategy_values
+            else self.strategy
+            for r in range(n)
+        ]
+        stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x, jnp.float32) for x in xs]), *strategies)
+        keys = jax.vmap(jax.random.PRNGKey)(
+            jnp.asarray(np.asarray(seeds, np.uint32))
+        )  # raw keys checkpoint as arrays
+        return keys, stacked, opt_values
+
+    def abstract_params(self) -> Params:
+        """Shapes and dtypes of the model's parameters."""
+        return nnx.split(jax.eval_shape(lambda: self.model(nnx.Rngs(0))))[1]
+
+    def abstract_state(
+        self, stream: TaskStream, seeds: Sequence[int], hparams: Mapping[str, Sequence[float]] | None = None
+    ) -> RunState:
+        """Shapes and dtypes of the state of these runs, without allocating (to restore into)."""
+        keys, strategies, opt_hparams = self._run_inputs(seeds, hparams or {})
+        return jax.eval_shape(
+            jax.vmap(self._init_one, in_axes=(0, 0, 0, None)), keys, strategies, opt_hparams, stream
+        )
 
     def evaluate(self, state: RunState, stream: TaskStream) -> Float[Array, "seed task"]:
         """Accuracy of every seed on every task (used for the accuracies before training)."""
@@ -297,23 +379,29 @@ class Learner:
         stream: TaskStream,
         seeds: Sequence[int],
         *,
+        sweep: Mapping[str, Sequence[float]] | None = None,
         mesh: Mesh | None = None,
         on_task_end: Callable[[int, RunState, StreamResult], None] | None = None,
     ) -> StreamResult:
-        """Runs the whole stream for every seed and returns the results.
+        """Runs the whole stream for every seed (and every sweep point) in one program.
 
         Args:
           stream: the task stream.
-          seeds: one run per seed, vmapped (and sharded over ``mesh``).
-          mesh: optional device mesh with one axis named ``"seeds"`` (see :func:`seed_mesh`).
+          seeds: the seeds; with ``sweep``, every seed runs at every combination of values.
+          sweep: hyperparameter values to sweep, e.g. ``{"lam": [1, 10, 100]}`` for a strategy field or
+            ``{"optimizer.learning_rate": [...]}`` (see :meth:`init`). The runs are the product of all
+            value lists and the seeds, sweep-major, each a row of the result (``result.runs``).
+          mesh: optional device mesh with one axis named ``"seeds"`` over which runs are sharded.
           on_task_end: called on the host after each task with the task index, the state and the
             results so far (rows of later tasks still zero).
 
         Returns:
-          A :class:`StreamResult`.
+          A :class:`StreamResult` with one row per run.
         """
-        state = self.init(stream, seeds, mesh)
-        recorder = Recorder(self.config, stream, len(seeds))
+        runs = sweep_runs(seeds, sweep or {})
+        hparams = {k: [r[k] for r in runs] for k in (sweep or {})}
+        state = self.init(stream, [r["seed"] for r in runs], mesh, hparams)
+        recorder = Recorder(self.config, stream, runs)
         recorder.record_init(self.evaluate(state, stream))
         for task in range(stream.n_tasks):
             state, out = self.run_task(state, stream, task)
@@ -323,14 +411,33 @@ class Learner:
         return recorder.result()
 
 
+def sweep_runs(seeds: Sequence[int], sweep: Mapping[str, Sequence[float]]) -> list[dict[str, float | int]]:
+    """The runs of a sweep: every combination of the values (in order), times every seed.
+
+    Example:
+      >>> sweep_runs([0, 1], {"lam": [1.0, 10.0]})
+      [{'lam': 1.0, 'seed': 0}, {'lam': 1.0, 'seed': 1}, {'lam': 10.0, 'seed': 0}, {'lam': 10.0, 'seed': 1}]
+    """
+    for name, values in sweep.items():
+        if len(values) == 0:
+            raise ConfigError(f"sweep {name!r} has no values")
+    names = list(sweep)
+    combos = itertools.product(*(sweep[k] for k in names))
+    return [
+        {**dict(zip(names, (float(v) for v in combo))), "seed": int(s)} for combo in combos for s in seeds
+    ]
+
+
 class Recorder:
     """Accumulates task outputs on the host into the arrays of a :class:`StreamResult`.
 
     Its arrays are plain numpy, so they checkpoint with the run state and restore exactly.
     """
 
-    def __init__(self, config: TrainConfig, stream: TaskStream, n_seeds: int) -> None:
+    def __init__(self, config: TrainConfig, stream: TaskStream, runs: Sequence[dict] | int) -> None:
         self.config = config
+        self.runs = tuple({"seed": r} for r in range(runs)) if isinstance(runs, int) else tuple(runs)
+        n_seeds = len(self.runs)
         self.task_names = stream.task_names or tuple(f"task {t}" for t in range(stream.n_tasks))
         t, per = stream.n_tasks, config.evals_inside_task + 1
         steps_in_task = [(i + 1) * (config.eval_every or 0) for i in range(per - 1)] + [config.steps_per_task]
@@ -374,6 +481,7 @@ class Recorder:
             diverged_step=a["diverged_step"].copy(),
             steps_per_task=self.config.steps_per_task,
             task_names=self.task_names,
+            runs=self.runs,
         )
 
 

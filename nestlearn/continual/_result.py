@@ -22,6 +22,7 @@ class StreamResult:
       diverged_step: first global step whose loss was NaN or inf, ``-1`` if the run stayed finite, ``[S]``.
       steps_per_task: number of optimizer steps on each task.
       task_names: one name per task.
+      runs: what distinguishes each row: its seed and, in a sweep, its hyperparameter values.
     """
 
     acc_matrix: np.ndarray
@@ -33,6 +34,13 @@ class StreamResult:
     diverged_step: np.ndarray
     steps_per_task: int
     task_names: tuple[str, ...]
+    runs: tuple[dict, ...] = ()
+
+    def __post_init__(self):
+        if not self.runs:
+            object.__setattr__(self, "runs", tuple({"seed": s} for s in range(self.acc_matrix.shape[0])))
+        if len(self.runs) != self.acc_matrix.shape[0]:
+            raise ValueError(f"{len(self.runs)} run descriptions for {self.acc_matrix.shape[0]} rows")
 
     @property
     def n_seeds(self) -> int:
@@ -41,6 +49,27 @@ class StreamResult:
     @property
     def n_tasks(self) -> int:
         return self.acc_matrix.shape[1]
+
+    def select(self, **conditions) -> StreamResult:
+        """The rows whose run matches every ``key=value`` given, e.g. ``result.select(lam=100.0)``."""
+        rows = [i for i, r in enumerate(self.runs) if all(r.get(k) == v for k, v in conditions.items())]
+        if not rows:
+            raise KeyError(f"no run matches {conditions}; runs look like {self.runs[0]}")
+        pick = np.asarray(rows)
+        return dataclasses.replace(
+            self,
+            acc_matrix=self.acc_matrix[pick],
+            acc_init=self.acc_init[pick],
+            curve_acc=self.curve_acc[pick],
+            train_loss=self.train_loss[pick],
+            diverged_step=self.diverged_step[pick],
+            runs=tuple(self.runs[i] for i in rows),
+        )
+
+    def groups(self, *keys: str) -> dict[tuple, StreamResult]:
+        """Splits the rows by the values of ``keys`` (e.g. the swept hyperparameters), in run order."""
+        values = dict.fromkeys(tuple(r[k] for k in keys) for r in self.runs)
+        return {v: self.select(**dict(zip(keys, v))) for v in values}
 
     @property
     def diverged(self) -> np.ndarray:

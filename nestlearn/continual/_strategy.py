@@ -37,9 +37,12 @@ class Batch:
 class Strategy(abc.ABC):
     """What a continual-learning strategy must provide. Concrete strategies are final.
 
-    Every method is pure: it takes the strategy's state and returns a new one; the engine threads it
-    through ``lax.scan`` and ``vmap``. Defaults do nothing, so a strategy overrides only what makes it
-    that method.
+    A concrete strategy is a frozen ``flax.struct.dataclass``: its fields are its hyperparameters, the
+    pytree leaves (``lam: float``), which a sweep varies per run, and its structure, static fields
+    (``buffer_size: int = flax.struct.field(pytree_node=False)``), which shape arrays. Every method is
+    pure: it takes the strategy's state and returns a new one; the engine threads it through
+    ``lax.scan`` and ``vmap``. Defaults do nothing, so a strategy overrides only what makes it that
+    method.
     """
 
     def init(self, params: Params, stream: TaskStream) -> PyTree:
@@ -78,11 +81,13 @@ class Strategy(abc.ABC):
 
 
 @final
+@flax.struct.dataclass
 class Naive(Strategy):
     """Fine-tuning: train on each task in turn and nothing else; the lower bound of every comparison."""
 
 
 @final
+@flax.struct.dataclass
 class Joint(Strategy):
     """Cumulative joint training, the usual upper bound.
 

@@ -163,7 +163,7 @@ def run_experiment(
                 log(f"[{name}] already complete, loaded {result_file}")
                 continue
             learner = build_learner(config, stream, name)
-            recorder = Recorder(learner.config, stream, len(seeds))
+            recorder = Recorder(learner.config, stream, [{"seed": s} for s in seeds])
             first_task = 0
             if latest is not None and latest > si * n_tasks:
                 state, recorder.arrays = _restore(manager, latest, learner, stream, seeds, mesh, recorder)
@@ -195,7 +195,7 @@ def run_experiment(
             results[name] = recorder.result()
             _rundir.save_result(result_file, results[name])
         manager.wait_until_finished()
-    tables = _rundir.tidy_tables(results, seeds)
+    tables = _rundir.tidy_tables(results)
     table_paths = dict(zip(tables, _rundir.write_tables(out / "results", tables)))
     figures = write_figures(out / "figures", results) if make_figures else []
     _rundir.write_json(out / "status.json", {"complete": True, "strategies": list(results)})
@@ -213,7 +213,7 @@ def run_experiment(
 
 
 def _restore(manager, step, learner, stream, seeds, mesh, recorder):
-    abstract_state = learner.abstract_state(stream, len(seeds))
+    abstract_state = learner.abstract_state(stream, seeds)
     if mesh is not None:
         sharding = continual.seed_sharding(mesh)
         abstract_state = jax.tree.map(

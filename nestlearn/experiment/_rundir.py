@@ -53,6 +53,7 @@ def save_result(path: Path, result: StreamResult) -> Path:
         "diverged_step": result.diverged_step,
         "steps_per_task": np.asarray(result.steps_per_task),
         "task_names": np.asarray(result.task_names),
+        "runs": np.asarray(json.dumps(list(result.runs))),
     }
     return atomic_write(path, lambda f: np.savez(f, **arrays), mode="wb")
 
@@ -70,11 +71,14 @@ def load_result(path: Path) -> StreamResult:
             diverged_step=z["diverged_step"],
             steps_per_task=int(z["steps_per_task"]),
             task_names=tuple(str(n) for n in z["task_names"]),
+            runs=tuple(json.loads(str(z["runs"]))) if "runs" in z.files else (),
         )
 
 
-def tidy_tables(results: dict[str, StreamResult], seeds: list[int]) -> dict[str, pd.DataFrame]:
+def tidy_tables(results: dict[str, StreamResult]) -> dict[str, pd.DataFrame]:
     """Long-format tables of every strategy's results: one row per observation, named columns.
+
+    Every table has a column per key of ``result.runs`` (the seed, and in a sweep the hyperparameters).
 
     Returns:
       ``accuracy_matrix`` (strategy, seed, trained_task, eval_task, accuracy), ``curves`` (strategy,
@@ -85,12 +89,13 @@ def tidy_tables(results: dict[str, StreamResult], seeds: list[int]) -> dict[str,
     acc_rows, curve_frames, summary_rows = [], [], []
     for name, r in results.items():
         s, t = r.acc_matrix.shape[:2]
+        run_cols = pd.DataFrame(list(r.runs))
         si, ti, tj = np.meshgrid(np.arange(s), np.arange(t), np.arange(t), indexing="ij")
         acc_rows.append(
             pd.DataFrame(
                 {
                     "strategy": name,
-                    "seed": np.asarray(seeds)[si.ravel()],
+                    **{c: run_cols[c].to_numpy()[si.ravel()] for c in run_cols},
                     "trained_task": ti.ravel(),
                     "eval_task": tj.ravel(),
                     "accuracy": r.acc_matrix.ravel(),
@@ -103,7 +108,7 @@ def tidy_tables(results: dict[str, StreamResult], seeds: list[int]) -> dict[str,
             pd.DataFrame(
                 {
                     "strategy": name,
-                    "seed": np.asarray(seeds)[si.ravel()],
+                    **{c: run_cols[c].to_numpy()[si.ravel()] for c in run_cols},
                     "point": pi.ravel(),
                     "step": r.curve_steps[pi.ravel()],
                     "trained_task": r.curve_task[pi.ravel()],
@@ -118,7 +123,7 @@ def tidy_tables(results: dict[str, StreamResult], seeds: list[int]) -> dict[str,
         else:
             summ = {"average_accuracy": metrics.average_accuracy(r.acc_matrix)}
         for k in range(s):
-            row = {"strategy": name, "seed": seeds[k], "diverged_step": int(r.diverged_step[k])}
+            row = {"strategy": name, **r.runs[k], "diverged_step": int(r.diverged_step[k])}
             row.update({m: (np.nan if r.diverged[k] else float(v[k])) for m, v in summ.items()})
             summary_rows.append(row)
     return {
