@@ -105,9 +105,9 @@ class CountRows(continual.Strategy):
     def init(self, params, stream):
         return jnp.zeros((stream.n_tasks, self.n), jnp.int32)
 
-    def after_step(self, state, params, grads, batch: Batch):
+    def after_step(self, state, params, grads, batch: Batch, ctx):
         rows = jnp.round(batch.x[:, 0] * self.n).astype(jnp.int32)
-        return state.at[batch.task, rows].add(1)
+        return state.at[batch.task, rows].add(1), params
 
 
 def test_epochs_visit_every_valid_example_equally_and_never_padding():
@@ -132,7 +132,14 @@ def test_joint_draws_uniformly_from_tasks_so_far():
     stream = make_tiny_stream(n_tasks=4, n=40, train_n=[40, 10, 40, 40])
     b = 4000
     batch = Batch(x=jnp.zeros((b, 6)), y=jnp.zeros((b,), jnp.int32), task=jnp.full((b,), 1, jnp.int32))
-    out = continual.Joint().train_batch((), stream, batch, jnp.asarray(1, jnp.int32), jax.random.PRNGKey(0))
+    ctx = continual.Context(
+        stream=stream,
+        task=jnp.asarray(1, jnp.int32),
+        step=jnp.asarray(0),
+        key=jax.random.PRNGKey(0),
+        apply=None,
+    )
+    out = continual.Joint().train_batch((), batch, ctx)
     tasks = np.asarray(out.task)
     assert set(np.unique(tasks)) == {0, 1}
     assert abs((tasks == 1).mean() - 0.5) < 0.03
@@ -254,7 +261,7 @@ class ShrinkToZero(continual.Strategy):
 
     lam: float = 0.0
 
-    def penalty(self, state, params, batch, apply):
+    def penalty(self, state, params, batch, ctx):
         return self.lam * sum(jnp.sum(w**2) for w in jax.tree.leaves(params))
 
 
@@ -304,3 +311,14 @@ def test_a_strategy_must_be_a_pytree_dataclass():
 
     with pytest.raises(TypeError, match="Plain must be a flax.struct.dataclass"):
         Learner(mlp(make_tiny_stream()), optax.sgd(0.1), Plain(), TrainConfig(4, 8))
+
+
+def test_batch_weights_make_a_weighted_mean():
+    b = Batch(
+        x=jnp.zeros((3, 1)),
+        y=jnp.zeros(3, jnp.int32),
+        task=jnp.zeros(3, jnp.int32),
+        weight=jnp.array([1.0, 0.0, 3.0]),
+    )
+    np.testing.assert_allclose(b.mean(jnp.array([2.0, 100.0, 6.0])), (2.0 + 18.0) / 4.0)
+    assert b.replace(weight=None).mean(jnp.array([2.0, 100.0, 6.0])) == pytest.approx(36.0)

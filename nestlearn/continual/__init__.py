@@ -10,12 +10,14 @@ from nestlearn.continual._engine import (
     seed_mesh,
     seed_sharding,
     steps_for_epochs,
+    sweep_runs,
 )
 from nestlearn.continual._result import StreamResult
-from nestlearn.continual._strategy import Batch, Joint, Naive, Strategy
+from nestlearn.continual._strategy import Batch, Context, Joint, Naive, Strategy
 
 __all__ = [
     "Batch",
+    "Context",
     "Joint",
     "Learner",
     "Naive",
@@ -29,4 +31,5 @@ __all__ = [
     "seed_mesh",
     "seed_sharding",
     "steps_for_epochs",
+    "sweep_runs",
 ]

@@ -27,7 +27,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from nestlearn._errors import ConfigError
 from nestlearn.continual._result import StreamResult
-from nestlearn.continual._strategy import Batch, Params, Strategy
+from nestlearn.continual._strategy import Batch, Context, Params, Strategy
 from nestlearn.tasks._stream import TaskStream
 
 
@@ -75,6 +75,9 @@ def steps_for_epochs(epochs: float, n_train: int | TaskStream, batch_size: int) 
     return max(1, math.ceil(epochs * n_train / batch_size))
 
 
+STEP_STREAM = 0x5EED  # folded into a run's key to derive per-step keys apart from per-task keys
+
+
 class RunState(flax.struct.PyTreeNode):
     """Everything a run carries from one task to the next; a pytree, so it checkpoints, vmaps and shards.
 
@@ -107,6 +110,7 @@ class TaskOutput(flax.struct.PyTreeNode):
     acc_row: Float[Array, " task"]  # accuracy on every task after this task's training
     curve: Float[Array, "evals task"]  # accuracy on every task at the in-task evaluation points
     loss: Float[Array, " points"]  # mean training loss since the previous evaluation point
+    train_acc: Float[Array, " points"]  # mean accuracy on the training batches, measured before each update
 
 
 def masked_cross_entropy(
@@ -154,7 +158,9 @@ class Learner:
         self.optimizer = optimizer
         self.strategy = strategy
         self.config = config
-        self._graphdef = nnx.split(jax.eval_shape(lambda: model(nnx.Rngs(0))))[0]
+        abstract_model = jax.eval_shape(lambda: model(nnx.Rngs(0)))
+        self._graphdef = nnx.split(abstract_model)[0]
+        self._has_features = callable(getattr(abstract_model, "features", None))
         # Initialisation runs once per run: compile it without LLVM's optimisations on CPU, where they
         # cost about two seconds (threefry for every parameter) and save a few milliseconds of run time.
         fast_compile = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
@@ -205,15 +211,25 @@ class Learner:
 
         return jax.lax.map(one, jnp.arange(stream.n_tasks, dtype=jnp.int32)).astype(jnp.float32)
 
-    def _loss(self, params, strategy: Strategy, strategy_state, batch: Batch, stream: TaskStream):
-        logits = self.apply(params, batch.x)
-        task_loss = masked_cross_entropy(logits, batch.y, stream.class_mask[batch.task]).mean()
-        return task_loss + strategy.penalty(strategy_state, params, batch, self.apply), task_loss
+    def _loss(self, params, strategy: Strategy, strategy_state, batch: Batch, ctx: Context):
+        logits = ctx.logits(params, batch.x, batch.task)
+        task_loss = batch.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch.y))
+        correct = batch.mean((jnp.argmax(logits, -1) == batch.y).astype(jnp.float32))
+        return task_loss + strategy.penalty(strategy_state, params, batch, ctx), (task_loss, correct)
+
+    def _features(self, params: Params, x):
+        return nnx.merge(self._graphdef, params).features(x)
+
+    def _context(self, stream: TaskStream, task, step, key) -> Context:
+        features = self._features if self._has_features else None
+        return Context(stream=stream, task=task, step=step, key=key, apply=self.apply, features=features)
 
     def _run_task_one(self, state: RunState, stream: TaskStream, task: Int[Array, ""], *, n_epochs: int):
         cfg = self.config
         b = cfg.batch_size
         task = jnp.asarray(task, jnp.int32)
+        # Keys: fold_in(key, task) for the task (then 0: epoch order, 1: begin_task, 2: end_task), and
+        # fold_in(fold_in(key, STEP_STREAM), global step) then 0..2 for the hooks of that step.
         task_key = jax.random.fold_in(state.key, task)
         n = stream.train_n[task]
         # Reshuffled epochs: row e of `order` lists the task's valid examples in a fresh random order
@@ -224,57 +240,65 @@ class Learner:
 
         if cfg.reset_optimizer:
             state = state.replace(opt_state=self._init_optimizer(state.params, state.opt_hparams))
+        ctx = self._context(stream, task, state.step, jax.random.fold_in(task_key, 1))
         state = state.replace(
-            strategy_state=state.strategy.begin_task(state.strategy_state, state.params, task)
+            strategy_state=state.strategy.begin_task(state.strategy_state, state.params, ctx)
         )
 
         def step(state: RunState, s):
             p = s * b + jnp.arange(b, dtype=jnp.int32)
             pos = order[p // n, p % n]
             x, y = stream.train_examples(jnp.full((b,), task), pos)
-            step_key = jax.random.fold_in(task_key, state.step + 1)
-            batch = state.strategy.train_batch(
-                state.strategy_state, stream, Batch(x=x, y=y, task=jnp.full((b,), task)), task, step_key
+            step_key = jax.random.fold_in(jax.random.fold_in(state.key, STEP_STREAM), state.step)
+            keys = jax.random.split(step_key, 3)
+            ctx = self._context(stream, task, state.step, keys[0])
+            strategy, sstate = state.strategy, state.strategy_state
+            batch = strategy.train_batch(sstate, Batch(x=x, y=y, task=jnp.full((b,), task)), ctx)
+            (_, (task_loss, correct)), grads = jax.value_and_grad(self._loss, has_aux=True)(
+                state.params, strategy, sstate, batch, ctx.replace(key=keys[1])
             )
-            (_, task_loss), grads = jax.value_and_grad(self._loss, has_aux=True)(
-                state.params, state.strategy, state.strategy_state, batch, stream
-            )
+            grads = strategy.transform_grads(sstate, state.params, grads, batch, ctx.replace(key=keys[2]))
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
+            sstate, params = strategy.after_step(sstate, params, grads, batch, ctx.replace(key=keys[2]))
             finite = jnp.isfinite(task_loss)
             new = state.replace(
                 params=params,
                 opt_state=opt_state,
-                strategy_state=state.strategy.after_step(state.strategy_state, params, grads, batch),
+                strategy_state=sstate,
                 step=state.step + 1,
                 diverged_step=jnp.where((state.diverged_step < 0) & ~finite, state.step, state.diverged_step),
             )
-            return new, task_loss
+            return new, (task_loss, correct)
 
         def run_steps(state, first, count):
-            state, losses = jax.lax.scan(step, state, first + jnp.arange(count, dtype=jnp.int32))
-            return state, losses.mean()
+            state, (losses, correct) = jax.lax.scan(step, state, first + jnp.arange(count, dtype=jnp.int32))
+            return state, (losses.mean(), correct.mean())
 
         n_inside = cfg.evals_inside_task
         curve = jnp.zeros((0, stream.n_tasks), jnp.float32)
         chunk_losses = jnp.zeros((0,), jnp.float32)
+        chunk_acc = jnp.zeros((0,), jnp.float32)
         if n_inside:
 
             def chunk(state, c):
-                state, loss = run_steps(state, c * cfg.eval_every, cfg.eval_every)
-                return state, (self._evaluate(state.params, stream), loss)
+                state, (loss, acc) = run_steps(state, c * cfg.eval_every, cfg.eval_every)
+                return state, (self._evaluate(state.params, stream), loss, acc)
 
-            state, (curve, chunk_losses) = jax.lax.scan(chunk, state, jnp.arange(n_inside, dtype=jnp.int32))
-        done = n_inside * (cfg.eval_every or 0)
-        state, last_loss = run_steps(state, done, cfg.steps_per_task - done)
-        state = state.replace(
-            strategy_state=state.strategy.end_task(
-                state.strategy_state, state.params, stream, task, jax.random.fold_in(task_key, 1)
+            state, (curve, chunk_losses, chunk_acc) = jax.lax.scan(
+                chunk, state, jnp.arange(n_inside, dtype=jnp.int32)
             )
-        )
+        done = n_inside * (cfg.eval_every or 0)
+        state, (last_loss, last_acc) = run_steps(state, done, cfg.steps_per_task - done)
+        ctx = self._context(stream, task, state.step, jax.random.fold_in(task_key, 2))
+        sstate, params = state.strategy.end_task(state.strategy_state, state.params, ctx)
+        state = state.replace(strategy_state=sstate, params=params)
         acc_row = self._evaluate(state.params, stream)
         return state, TaskOutput(
-            acc_row=acc_row, curve=curve, loss=jnp.concatenate([chunk_losses, last_loss[None]])
+            acc_row=acc_row,
+            curve=curve,
+            loss=jnp.concatenate([chunk_losses, last_loss[None]]),
+            train_acc=jnp.concatenate([chunk_acc, last_acc[None]]),
         )
 
     # -- the host side ---------------------------------------------------------------------------
@@ -450,6 +474,7 @@ class Recorder:
             "acc_init": np.zeros((n_seeds, t), np.float32),
             "curve_acc": np.zeros((n_seeds, 1 + t * per, t), np.float32),
             "train_loss": np.full((n_seeds, 1 + t * per), np.nan, np.float32),
+            "train_acc": np.full((n_seeds, 1 + t * per), np.nan, np.float32),
             "diverged_step": np.full((n_seeds,), -1, np.int64),
             "tasks_done": np.zeros((), np.int64),
         }
@@ -466,6 +491,7 @@ class Recorder:
             [np.asarray(out.curve), np.asarray(out.acc_row)[:, None]], 1
         )
         self.arrays["train_loss"][:, sl] = np.asarray(out.loss)
+        self.arrays["train_acc"][:, sl] = np.asarray(out.train_acc)
         self.arrays["diverged_step"][:] = np.asarray(diverged_step)
         self.arrays["tasks_done"] = np.asarray(task + 1, np.int64)
 
@@ -478,6 +504,7 @@ class Recorder:
             curve_task=self.curve_task,
             curve_acc=a["curve_acc"].copy(),
             train_loss=a["train_loss"].copy(),
+            train_acc=a["train_acc"].copy(),
             diverged_step=a["diverged_step"].copy(),
             steps_per_task=self.config.steps_per_task,
             task_names=self.task_names,

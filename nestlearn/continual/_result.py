@@ -19,6 +19,8 @@ class StreamResult:
       curve_task: the task being trained at each point, ``[P]`` (``-1`` for the point before training).
       curve_acc: accuracy on every task at every point, ``[S, P, T]``.
       train_loss: mean training loss between consecutive evaluation points, ``[S, P]`` (NaN at point 0).
+      train_acc: mean accuracy on the training batches over the same spans, each batch scored before
+        the update it drives (online accuracy, the plasticity measure of online streams), ``[S, P]``.
       diverged_step: first global step whose loss was NaN or inf, ``-1`` if the run stayed finite, ``[S]``.
       steps_per_task: number of optimizer steps on each task.
       task_names: one name per task.
@@ -35,6 +37,7 @@ class StreamResult:
     steps_per_task: int
     task_names: tuple[str, ...]
     runs: tuple[dict, ...] = ()
+    train_acc: np.ndarray | None = None
 
     def __post_init__(self):
         if not self.runs:
@@ -62,6 +65,7 @@ class StreamResult:
             acc_init=self.acc_init[pick],
             curve_acc=self.curve_acc[pick],
             train_loss=self.train_loss[pick],
+            train_acc=None if self.train_acc is None else self.train_acc[pick],
             diverged_step=self.diverged_step[pick],
             runs=tuple(self.runs[i] for i in rows),
         )

@@ -57,6 +57,16 @@ class MLP(nnx.Module):
         self.layers = nnx.List(layers)
 
     def __call__(self, x: Float[Array, "batch din"]) -> Float[Array, "batch dout"]:
+        return self.features(x)[0]
+
+    def features(self, x: Float[Array, "batch din"]) -> tuple[Float[Array, "batch dout"], tuple[Array, ...]]:
+        """The logits and the activations of every hidden layer (after the ReLU), input to output.
+
+        Plasticity measures (dead units, effective rank) and continual backprop's unit utilities read
+        these.
+        """
+        hidden = []
         for layer in self.layers[:-1]:
             x = jax.nn.relu(layer(x))
-        return self.layers[-1](x)
+            hidden.append(x)
+        return self.layers[-1](x), tuple(hidden)
