@@ -11,6 +11,7 @@ from nestlearn.metrics._matrix import (
     learning_accuracy,
     summary,
 )
+from nestlearn.metrics._tradeoff import pareto_front, tradeoff_points
 
 __all__ = [
     "average_accuracy",
@@ -21,5 +22,7 @@ __all__ = [
     "forgetting_mammoth",
     "forward_transfer",
     "learning_accuracy",
+    "pareto_front",
     "summary",
+    "tradeoff_points",
 ]

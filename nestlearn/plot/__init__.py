@@ -10,6 +10,7 @@ from nestlearn.plot._figures import (
     save_figure,
     style,
 )
+from nestlearn.plot._tradeoff import stability_plasticity
 
 __all__ = [
     "DOUBLE_COLUMN",
@@ -19,5 +20,6 @@ __all__ = [
     "average_accuracy_curve",
     "forgetting_curves",
     "save_figure",
+    "stability_plasticity",
     "style",
 ]
