@@ -67,6 +67,14 @@ class TrainSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """Values to sweep per strategy, along the hyperparameter its class names ``strength``.
+
+    Swept values of one strategy run as one program (a vmapped axis next to the seeds).
+    """
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """A whole experiment: a stream, a model, an optimizer, the strategies to compare, the seeds."""
 
@@ -75,6 +83,7 @@ class ExperimentConfig:
     optim: OptimConfig = OptimConfig()
     train: TrainSpec = TrainSpec()
     strategies: tuple[StrategyName, ...] = ("naive", "joint")
+    sweep: SweepConfig = SweepConfig()
     seeds: int = 5
     first_seed: int = 0
 

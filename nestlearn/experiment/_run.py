@@ -30,6 +30,23 @@ from nestlearn.experiment._config import ExperimentConfig, from_dict, to_dict, v
 STRATEGIES: dict[str, Callable[[], continual.Strategy]] = {"naive": continual.Naive, "joint": continual.Joint}
 
 
+def strategy_and_sweep(
+    config: ExperimentConfig, name: str
+) -> tuple[continual.Strategy, dict[str, tuple[float, ...]]]:
+    """The strategy a config names, with its hyperparameters from the config section of the same name
+    (``config.ewc`` for ``"ewc"``) when it has one, and the values to sweep (``config.sweep.<name>``)."""
+    strategy = getattr(config, name, None)
+    if not isinstance(strategy, continual.Strategy):
+        strategy = STRATEGIES[name]()
+    values = tuple(getattr(config.sweep, name, ()) or ())
+    if not values:
+        return strategy, {}
+    field = getattr(type(strategy), "strength", None)
+    if field is None:
+        raise ConfigError(f"sweep.{name}: strategy {name!r} has no hyperparameter to sweep")
+    return strategy, {field: values}
+
+
 def build_stream(config: ExperimentConfig) -> tasks.TaskStream:
     """The task stream a config names (loads data; raises ConfigError or DataError on bad input)."""
     d = config.data
@@ -69,7 +86,8 @@ def build_learner(config: ExperimentConfig, stream: tasks.TaskStream, strategy: 
     def model(rngs: nnx.Rngs) -> nn.MLP:
         return nn.MLP(stream.input_dim, m.hidden, stream.n_classes, init=m.init, rngs=rngs)
 
-    return Learner(model, build_optimizer(config), STRATEGIES[strategy](), train_config(config, stream))
+    instance, _ = strategy_and_sweep(config, strategy)
+    return Learner(model, build_optimizer(config), instance, train_config(config, stream))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +165,6 @@ def run_experiment(
             out / "config.json",
             {"experiment": experiment, "config": to_dict(config), "versions": _versions()},
         )
-    mesh = continual.seed_mesh(len(seeds)) if jax.device_count() > 1 else None
     n_tasks = stream.n_tasks
     total_units = n_tasks * len(config.strategies)
     options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
@@ -163,14 +180,20 @@ def run_experiment(
                 log(f"[{name}] already complete, loaded {result_file}")
                 continue
             learner = build_learner(config, stream, name)
-            recorder = Recorder(learner.config, stream, [{"seed": s} for s in seeds])
+            sweep = strategy_and_sweep(config, name)[1]
+            runs = continual.sweep_runs(seeds, sweep)
+            hparams = {k: [r[k] for r in runs] for k in sweep}
+            mesh = continual.seed_mesh(len(runs)) if jax.device_count() > 1 else None
+            recorder = Recorder(learner.config, stream, runs)
             first_task = 0
             if latest is not None and latest > si * n_tasks:
-                state, recorder.arrays = _restore(manager, latest, learner, stream, seeds, mesh, recorder)
+                state, recorder.arrays = _restore(
+                    manager, latest, learner, stream, runs, hparams, mesh, recorder
+                )
                 first_task = latest - si * n_tasks
                 log(f"[{name}] resumed after task {first_task}/{n_tasks} from checkpoint {latest}")
             else:
-                state = learner.init(stream, seeds, mesh)
+                state = learner.init(stream, [r["seed"] for r in runs], mesh, hparams)
                 recorder.record_init(learner.evaluate(state, stream))
             for task in range(first_task, n_tasks):
                 state, task_out = learner.run_task(state, stream, task)
@@ -186,7 +209,7 @@ def run_experiment(
                 elapsed = time.perf_counter() - start
                 eta = elapsed / units_run * (total_units - done)
                 diverged = int((recorder.arrays["diverged_step"] >= 0).sum())
-                note = f" · {diverged} of {len(seeds)} seeds diverged" if diverged else ""
+                note = f" · {diverged} of {len(runs)} runs diverged" if diverged else ""
                 log(
                     f"[{name}] task {task + 1}/{n_tasks} · {done}/{total_units} done · "
                     f"elapsed {elapsed:.1f}s · ETA {eta:.1f}s · mean acc "
@@ -212,8 +235,8 @@ def run_experiment(
     return RunOutput(directory=out, results=results, tables=table_paths, figures=figures)
 
 
-def _restore(manager, step, learner, stream, seeds, mesh, recorder):
-    abstract_state = learner.abstract_state(stream, seeds)
+def _restore(manager, step, learner, stream, runs, hparams, mesh, recorder):
+    abstract_state = learner.abstract_state(stream, [r["seed"] for r in runs], hparams)
     if mesh is not None:
         sharding = continual.seed_sharding(mesh)
         abstract_state = jax.tree.map(
