@@ -24,6 +24,15 @@ from nestlearn import continual, nn, tasks  # noqa: E402
 from nestlearn.experiment._rundir import write_json  # noqa: E402
 
 
+def make_strategy(args):
+    """naive, EWC (lambda, separate Fisher per task) or experience replay (reservoir buffer)."""
+    if args.strategy == "ewc":
+        return continual.EWC(lam=args.ewc_lambda)
+    if args.strategy == "replay":
+        return continual.Replay(buffer_size=args.mem_size)
+    return continual.Naive()
+
+
 def learner_for(stream, *, strategy=None):
     steps = continual.steps_for_epochs(2, int(stream.train_n[0]), 64)
     return continual.Learner(
@@ -54,6 +63,9 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--repeats", type=int, default=0)
     p.add_argument("--data", default=None)
+    p.add_argument("--strategy", choices=("naive", "ewc", "replay"), default="naive")
+    p.add_argument("--ewc-lambda", type=float, default=100.0)
+    p.add_argument("--mem-size", type=int, default=500)
     args = p.parse_args()
     stream = tasks.permuted_mnist(10, seed=0)
     if args.data:
@@ -61,13 +73,14 @@ def main():
             x, y = stream.train_examples(np.full(7, 3), np.arange(7))
             np.testing.assert_allclose(z["train_x"][3, :7], np.asarray(x))
             np.testing.assert_array_equal(z["train_y"][3, :7], np.asarray(y))
-    learner = learner_for(stream)
+    learner = learner_for(stream, strategy=make_strategy(args))
     seeds = list(range(args.seeds))
     mesh = continual.seed_mesh(len(seeds)) if jax.device_count() > 1 else None
     result = learner.run(stream, seeds, mesh=mesh)
     first_run = time.perf_counter() - T0
     out = {
         "peer": "nestlearn",
+        "strategy": args.strategy,
         "jax_version": jax.__version__,
         "devices": [str(d) for d in jax.devices()],
         "seeds": args.seeds,

@@ -68,8 +68,16 @@ def timed(cmd: list[str], out: Path) -> tuple[dict, float]:
 
 
 def summarize(result: dict) -> dict:
-    acc = np.asarray(result["final_avg_acc"])
-    return {"final_acc_mean": float(acc.mean()), "final_acc_sem": float(acc.std(ddof=1) / np.sqrt(acc.size))}
+    """Final average accuracy over seeds, diverged seeds (nestlearn reports them) left out and counted."""
+    acc = np.asarray(result["final_avg_acc"], float)
+    ok = np.asarray(result.get("diverged_step", [-1] * acc.size)) < 0
+    kept = acc[ok]
+    return {
+        "final_acc_mean": float(kept.mean()) if kept.size else float("nan"),
+        "final_acc_sem": float(kept.std(ddof=1) / np.sqrt(kept.size)) if kept.size > 1 else float("nan"),
+        "n_diverged": int((~ok).sum()),
+        "final_acc_per_seed": acc.tolist(),
+    }
 
 
 def main() -> None:
@@ -79,32 +87,63 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--scaling", default="1,8,32")
     p.add_argument("--skip-peers", action="store_true")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "permuted_mnist.json")
+    p.add_argument("--strategy", choices=("naive", "ewc", "replay"), default="naive")
+    p.add_argument("--ewc-lambda", type=float, default=100.0)
+    p.add_argument("--mem-size", type=int, default=500)
+    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    report: dict = {"seeds": args.seeds, "machine": _machine()}
+    strategy_args = [
+        "--strategy",
+        args.strategy,
+        "--ewc-lambda",
+        str(args.ewc_lambda),
+        "--mem-size",
+        str(args.mem_size),
+    ]
+    if args.out is None:
+        suffix = {"naive": "", "ewc": f"_ewc{args.ewc_lambda:g}", "replay": f"_replay{args.mem_size}"}[
+            args.strategy
+        ]
+        args.out = HERE / "results" / f"permuted_mnist{suffix}.json"
+    report: dict = {"seeds": args.seeds, "strategy": args.strategy, "machine": _machine()}
+    if args.strategy == "ewc":
+        report["ewc_lambda"] = args.ewc_lambda
+    if args.strategy == "replay":
+        report["mem_size"] = args.mem_size
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = tmp / "permuted_mnist.npz"
         write_peer_data(data)
         nl_out = tmp / "nestlearn.json"
         cmd = [sys.executable, str(HERE / "nestlearn_permuted.py"), "--seeds", str(args.seeds),
-               "--repeats", str(args.repeats), "--data", str(data), "--out", str(nl_out)]  # fmt: skip
+               "--repeats", str(args.repeats), "--data", str(data), "--out", str(nl_out), *strategy_args]  # fmt: skip
         nl, nl_e2e = timed(cmd, nl_out)
         report["nestlearn"] = {
             "end_to_end_s": nl_e2e,
             "compiled_s": statistics.median(nl["compiled_seconds"]),
             "compiled_runs_s": nl["compiled_seconds"],
             **summarize(nl),
+            "diverged_step": nl["diverged_step"],
         }
         print(
             f"nestlearn: end to end {nl_e2e:.1f}s, compiled {report['nestlearn']['compiled_s']:.1f}s",
             flush=True,
         )
         if not args.skip_peers:
-            for name, script in (("avalanche", "avalanche_naive.py"), ("torch_loop", "torch_loop.py")):
+            peers = [("avalanche", "avalanche_naive.py")]
+            if args.strategy == "naive":
+                peers.append(("torch_loop", "torch_loop.py"))
+            for name, script in peers:
                 out = tmp / f"{name}.json"
                 cmd = [args.peer_python, str(HERE / "peers" / script), "--data", str(data),
                        "--seeds", str(args.seeds), "--threads", "2", "--out", str(out)]  # fmt: skip
+                if name == "avalanche" and args.strategy != "naive":
+                    cmd += ["--strategy", args.strategy]
+                    cmd += (
+                        ["--ewc-lambda", str(args.ewc_lambda)]
+                        if args.strategy == "ewc"
+                        else ["--mem-size", str(args.mem_size)]
+                    )
                 res, e2e = timed(cmd, out)
                 report[name] = {
                     "version": res.get("peer"),
@@ -122,7 +161,7 @@ def main() -> None:
                 print(f"{name}: end to end {e2e:.1f}s ({ratio_e2e:.1f}x), compiled "
                       f"{report[name]['compiled_s']:.1f}s ({ratio_compiled:.1f}x)", flush=True)  # fmt: skip
         scaling = []
-        for s in [int(v) for v in args.scaling.split(",") if v]:
+        for s in [int(v) for v in args.scaling.split(",") if v and args.strategy == "naive"]:
             out = tmp / f"scaling_{s}.json"
             cmd = [sys.executable, str(HERE / "nestlearn_permuted.py"), "--seeds", str(s), "--repeats", "1",
                    "--out", str(out)]  # fmt: skip
