@@ -1,0 +1,125 @@
+"""Rebuilds every paper figure from stored results, without retraining.
+
+    python paper/make_figures.py [--runs RUNS_DIR] [--out paper/figures]
+
+Each figure reads the run directory of the experiment that produces it, ``RUNS_DIR/<experiment>/``
+(what ``nestlearn run <experiment>`` writes by default), and writes a PDF into ``paper/figures/``.
+A missing or unfinished run is an error naming the experiment and the command that produces it;
+figures whose results are present are still written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from nestlearn import plot  # noqa: E402
+from nestlearn.continual import StreamResult  # noqa: E402
+from nestlearn.experiment import load_result  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+class MissingResults(Exception):
+    """The stored results a figure needs are not there."""
+
+
+def results_of(runs: Path, experiment: str) -> dict[str, StreamResult]:
+    """The per-strategy results of a finished run of ``experiment`` under ``runs``."""
+    directory = runs / experiment
+    status = directory / "status.json"
+    if not status.exists() or not json.loads(status.read_text()).get("complete"):
+        raise MissingResults(
+            f"no finished results of experiment {experiment!r} in {directory}; "
+            f"produce them with: nestlearn run {experiment} --out {directory}"
+        )
+    names = json.loads(status.read_text())["strategies"]
+    return {name: load_result(directory / "results" / f"{name}.npz") for name in names}
+
+
+def forgetting_panels(results: dict[str, StreamResult], titles: dict[str, str]) -> plt.Figure:
+    fig, axes = plt.subplots(1, len(titles), figsize=(plot.DOUBLE_COLUMN, 2.4), sharey=True, squeeze=False)
+    for k, (ax, (name, title)) in enumerate(zip(axes[0], titles.items())):
+        plot.forgetting_curves(results[name], ax=ax, legend=k == len(titles) - 1)
+        ax.set_title(title)
+    return fig
+
+
+def fig_permuted_forgetting(runs: Path) -> plt.Figure:
+    results = results_of(runs, "permuted_mnist_forgetting")
+    return forgetting_panels(results, {"naive": "Naive fine-tuning", "joint": "Joint training"})
+
+
+def fig_permuted_average(runs: Path) -> plt.Figure:
+    results = results_of(runs, "permuted_mnist_forgetting")
+    fig, ax = plt.subplots(figsize=(plot.SINGLE_COLUMN, 2.4))
+    for name, r in results.items():
+        plot.average_accuracy_curve(r, ax=ax, label=name)
+    ax.legend()
+    return fig
+
+
+def fig_permuted_matrices(runs: Path) -> plt.Figure:
+    results = results_of(runs, "permuted_mnist_forgetting")
+    fig, axes = plt.subplots(1, 2, figsize=(plot.DOUBLE_COLUMN, 2.9))
+    for ax, name in zip(axes, ("naive", "joint")):
+        r = results[name]
+        plot.accuracy_matrix(r.acc_matrix[~r.diverged], ax=ax, task_names=r.task_names, title=name)
+    return fig
+
+
+def fig_split_scenarios(runs: Path) -> plt.Figure:
+    task = results_of(runs, "split_mnist_task_forgetting")
+    klass = results_of(runs, "split_mnist_class_forgetting")
+    fig, axes = plt.subplots(1, 2, figsize=(plot.DOUBLE_COLUMN, 2.4), sharey=True)
+    plot.forgetting_curves(task["naive"], ax=axes[0], legend=False)
+    axes[0].set_title("Split MNIST, task-incremental (naive)")
+    plot.forgetting_curves(klass["naive"], ax=axes[1])
+    axes[1].set_title("Split MNIST, class-incremental (naive)")
+    return fig
+
+
+FIGURES: dict[str, Callable[[Path], plt.Figure]] = {
+    "01_permuted_forgetting_curves": fig_permuted_forgetting,
+    "01_permuted_average_accuracy": fig_permuted_average,
+    "01_permuted_accuracy_matrices": fig_permuted_matrices,
+    "01_split_mnist_task_vs_class": fig_split_scenarios,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--runs", type=Path, default=Path("runs"), help="folder holding one run directory per experiment"
+    )
+    p.add_argument("--out", type=Path, default=HERE / "figures")
+    p.add_argument("--only", nargs="*", default=None, help="names of the figures to build (default: all)")
+    args = p.parse_args(argv)
+    missing = []
+    for name, make in FIGURES.items():
+        if args.only and name not in args.only:
+            continue
+        try:
+            with plot.style():
+                fig = make(args.runs)
+                plot.save_figure(fig, args.out / name, formats=("pdf",))
+                plt.close(fig)
+            print(f"wrote {args.out / name}.pdf")
+        except MissingResults as e:
+            missing.append(f"{name}: {e}")
+    for line in missing:
+        print(f"make_figures: error: {line}", file=sys.stderr)
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
