@@ -322,3 +322,14 @@ def test_batch_weights_make_a_weighted_mean():
     )
     np.testing.assert_allclose(b.mean(jnp.array([2.0, 100.0, 6.0])), (2.0 + 18.0) / 4.0)
     assert b.replace(weight=None).mean(jnp.array([2.0, 100.0, 6.0])) == pytest.approx(36.0)
+
+
+def test_zero_weight_rows_count_for_nothing_even_when_not_finite():
+    b = Batch(
+        x=jnp.zeros((3, 1)),
+        y=jnp.zeros(3, jnp.int32),
+        task=jnp.zeros(3, jnp.int32),
+        weight=jnp.array([1.0, 0.0, 1.0]),
+    )
+    assert b.mean(jnp.array([2.0, jnp.inf, 4.0])) == pytest.approx(3.0)
+    assert b.mean(jnp.array([2.0, jnp.nan, 4.0])) == pytest.approx(3.0)

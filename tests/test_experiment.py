@@ -43,7 +43,7 @@ def cli(args, capsys):
         (["train.steps_per_task=-5"], "train.steps_per_task must be positive"),
         (["train.epochs=0"], "train.epochs must be positive"),
         (["seeds=0"], "seeds must be positive"),
-        (["strategies=naive,ewc"], "strategies: 'ewc' is not one of 'naive', 'joint'"),
+        (["strategies=naive,ewk"], "strategies: 'ewk' is not one of 'naive', 'joint', 'ewc'"),
         (["data.stream=split_mnist", "data.n_tasks=6"], "n_tasks"),
         (["optim.reset_per_task=maybe"], "optim.reset_per_task: expected true or false"),
     ],
@@ -201,3 +201,25 @@ def test_sigkill_mid_stream_then_resume_gives_identical_results(tmp_path):
         pd.read_csv(tmp_path / "ref" / "results" / "curves.csv"),
         pd.read_csv(tmp_path / "killed" / "results" / "curves.csv"),
     )
+
+
+def test_strategy_sections_and_a_sweep_in_one_program(tmp_path):
+    config = override(
+        ExperimentConfig(),
+        ["data.stream=split_digits", "data.scenario=task", "data.n_tasks=2", "seeds=2", "model.hidden=16",
+         "train.steps_per_task=10", "train.batch_size=16", "train.evals_per_task=1", "strategies=naive,ewc",
+         "sweep.ewc=0,1000", "ewc.fisher_samples=64"],
+    )  # fmt: skip
+    out = run_experiment(config, tmp_path / "run", log=lambda m: None, make_figures=False)
+    ewc = out.results["ewc"]
+    assert [r["lam"] for r in ewc.runs] == [0.0, 0.0, 1000.0, 1000.0]
+    # EWC with lam = 0 is naive fine-tuning: same seeds, same accuracy matrices.
+    np.testing.assert_allclose(ewc.select(lam=0.0).acc_matrix, out.results["naive"].acc_matrix, atol=1e-6)
+    assert not np.allclose(ewc.select(lam=1000.0).acc_matrix, out.results["naive"].acc_matrix)
+    summary = pd.read_csv(out.tables["summary"])
+    assert sorted(summary.query("strategy == 'ewc'")["lam"].unique()) == [0.0, 1000.0]
+
+
+def test_a_sweep_of_a_strategy_not_run_is_refused(capsys):
+    rc, err = cli(["--set", "sweep.ewc=1,10", "--set", "strategies=naive"], capsys)
+    assert rc == 2 and "sweep.ewc is set but 'ewc' is not in strategies" in err[0]

@@ -229,7 +229,7 @@ class Learner:
         b = cfg.batch_size
         task = jnp.asarray(task, jnp.int32)
         # Keys: fold_in(key, task) for the task (then 0: epoch order, 1: begin_task, 2: end_task), and
-        # fold_in(fold_in(key, STEP_STREAM), global step) then 0..2 for the hooks of that step.
+        # fold_in(fold_in(key, STEP_STREAM), global step), split in four for the hooks of that step.
         task_key = jax.random.fold_in(state.key, task)
         n = stream.train_n[task]
         # Reshuffled epochs: row e of `order` lists the task's valid examples in a fresh random order
@@ -250,7 +250,7 @@ class Learner:
             pos = order[p // n, p % n]
             x, y = stream.train_examples(jnp.full((b,), task), pos)
             step_key = jax.random.fold_in(jax.random.fold_in(state.key, STEP_STREAM), state.step)
-            keys = jax.random.split(step_key, 3)
+            keys = jax.random.split(step_key, 4)
             ctx = self._context(stream, task, state.step, keys[0])
             strategy, sstate = state.strategy, state.strategy_state
             batch = strategy.train_batch(sstate, Batch(x=x, y=y, task=jnp.full((b,), task)), ctx)
@@ -260,7 +260,7 @@ class Learner:
             grads = strategy.transform_grads(sstate, state.params, grads, batch, ctx.replace(key=keys[2]))
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            sstate, params = strategy.after_step(sstate, params, grads, batch, ctx.replace(key=keys[2]))
+            sstate, params = strategy.after_step(sstate, params, grads, batch, ctx.replace(key=keys[3]))
             finite = jnp.isfinite(task_loss)
             new = state.replace(
                 params=params,

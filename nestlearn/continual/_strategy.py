@@ -45,7 +45,9 @@ class Batch:
         """The weighted mean of per-example ``values`` (the plain mean without weights)."""
         if self.weight is None:
             return values.mean()
-        return (values * self.weight).sum() / jnp.maximum(self.weight.sum(), 1e-12)
+        # Rows of weight 0 (placeholders) count for nothing, even when their value is inf or NaN.
+        weighted = jnp.where(self.weight > 0, values * self.weight, 0.0)
+        return weighted.sum() / jnp.maximum(self.weight.sum(), 1e-12)
 
 
 @flax.struct.dataclass
@@ -53,7 +55,8 @@ class Context:
     """What the engine tells a strategy hook: where in the stream it is and how to run the model.
 
     Attributes:
-      stream: the task stream (all of its tasks, as arrays).
+      stream: the task stream (all of its tasks, as arrays); ``None`` in online runs whose data are
+        generated step by step (``run_online_regression``).
       task: the task being trained (int32 scalar).
       step: global optimizer steps taken so far (int32 scalar).
       key: a PRNG key of this hook call's own (every hook call gets a fresh one).
@@ -62,7 +65,7 @@ class Context:
         ``features`` method (``nn.MLP`` does), else ``None`` (static).
     """
 
-    stream: TaskStream
+    stream: TaskStream | None
     task: Int[Array, ""]
     step: Int[Array, ""]
     key: PRNGKeyArray

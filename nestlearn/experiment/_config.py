@@ -13,9 +13,25 @@ import typing
 from typing import Any, Literal
 
 from nestlearn._errors import ConfigError
+from nestlearn.continual import (
+    AGEM,
+    DERPP,
+    EWC,
+    MAS,
+    SI,
+    ContinualBackprop,
+    L2Init,
+    LwF,
+    Replay,
+    ShrinkAndPerturb,
+    WeightInterpolation,
+)
 
 StreamName = Literal["permuted_mnist", "rotated_mnist", "split_mnist", "split_digits"]
-StrategyName = Literal["naive", "joint"]
+StrategyName = Literal[
+    "naive", "joint", "ewc", "online_ewc", "si", "mas", "l2init", "lwf", "replay", "agem", "derpp",
+    "shrink_perturb", "interpolation", "cbp",
+]  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +86,20 @@ class TrainSpec:
 class SweepConfig:
     """Values to sweep per strategy, along the hyperparameter its class names ``strength``.
 
-    Swept values of one strategy run as one program (a vmapped axis next to the seeds).
+    Swept values of one strategy run as one program (a vmapped axis next to the seeds); an empty tuple
+    runs the strategy at the value of its config section.
     """
+
+    ewc: tuple[float, ...] = ()
+    online_ewc: tuple[float, ...] = ()
+    si: tuple[float, ...] = ()
+    mas: tuple[float, ...] = ()
+    l2init: tuple[float, ...] = ()
+    lwf: tuple[float, ...] = ()
+    derpp: tuple[float, ...] = ()
+    shrink_perturb: tuple[float, ...] = ()
+    interpolation: tuple[float, ...] = ()
+    cbp: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +111,19 @@ class ExperimentConfig:
     optim: OptimConfig = OptimConfig()
     train: TrainSpec = TrainSpec()
     strategies: tuple[StrategyName, ...] = ("naive", "joint")
+    # One section per strategy with hyperparameters: its fields, e.g. --set ewc.lam=1000.
+    ewc: EWC = EWC(lam=100.0)
+    online_ewc: EWC = EWC(lam=100.0, online=True, gamma=1.0)
+    si: SI = SI(c=1.0)
+    mas: MAS = MAS(lam=1.0)
+    l2init: L2Init = L2Init(lam=0.01)
+    lwf: LwF = LwF(alpha=1.0)
+    replay: Replay = Replay(buffer_size=500)
+    agem: AGEM = AGEM(memory_size=500)
+    derpp: DERPP = DERPP(buffer_size=500)
+    shrink_perturb: ShrinkAndPerturb = ShrinkAndPerturb(shrink=0.9, noise=0.01)
+    interpolation: WeightInterpolation = WeightInterpolation(alpha=0.5)
+    cbp: ContinualBackprop = ContinualBackprop()
     sweep: SweepConfig = SweepConfig()
     seeds: int = 5
     first_seed: int = 0
@@ -216,6 +257,11 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError("strategies must name at least one strategy")
     if len(set(config.strategies)) != len(config.strategies):
         raise ConfigError(f"strategies has duplicates: {config.strategies!r}")
+    for field in dataclasses.fields(config.sweep):
+        if getattr(config.sweep, field.name) and field.name not in config.strategies:
+            raise ConfigError(
+                f"sweep.{field.name} is set but {field.name!r} is not in strategies {config.strategies!r}"
+            )
     if config.first_seed < 0:
         raise ConfigError(f"first_seed must be non-negative, got {config.first_seed}")
     return config

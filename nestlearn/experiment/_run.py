@@ -252,31 +252,58 @@ def _restore(manager, step, learner, stream, runs, hparams, mesh, recorder):
     return restored["state"], record
 
 
+def swept_key(result: StreamResult) -> str | None:
+    """The hyperparameter a result was swept over (a key of its runs other than the seed), if any."""
+    keys = [k for k in result.runs[0] if k != "seed"]
+    return keys[0] if keys else None
+
+
+def representative(name: str, result: StreamResult) -> tuple[str, StreamResult]:
+    """A swept result's best value by final average accuracy (diverged runs excluded), for curve panels."""
+    key = swept_key(result)
+    if key is None:
+        return name, result
+    best, best_acc = None, -np.inf
+    for (value,), group in result.groups(key).items():
+        ok = ~group.diverged
+        acc = group.acc_matrix[ok, -1].mean() if ok.any() else -np.inf
+        if acc > best_acc:
+            best, best_acc = value, acc
+    return f"{name} ({key}={best:g}, best of the sweep)", result.select(**{key: best})
+
+
 def write_figures(directory: Path, results: dict[str, StreamResult]) -> list[Path]:
-    """Forgetting curves, the average-accuracy comparison and accuracy matrices, as PDF and PNG."""
+    """Forgetting curves, average accuracy, accuracy matrices and, with sweeps, the trade-off plane."""
     import matplotlib.pyplot as plt
 
-    from nestlearn import plot
+    from nestlearn import metrics, plot
 
+    shown = dict(representative(name, r) for name, r in results.items())
     paths = []
     with plot.style():
-        n = len(results)
+        n = len(shown)
         fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 2.8), sharey=True, squeeze=False)
-        for k, (ax, (name, r)) in enumerate(zip(axes[0], results.items())):
+        for k, (ax, (name, r)) in enumerate(zip(axes[0], shown.items())):
             plot.forgetting_curves(r, ax=ax, legend=k == n - 1)
             ax.set_title(name)
         paths += plot.save_figure(fig, directory / "forgetting_curves")
         plt.close(fig)
         fig, ax = plt.subplots(figsize=(3.4, 2.6))
-        for name, r in results.items():
+        for name, r in shown.items():
             plot.average_accuracy_curve(r, ax=ax, label=name)
         ax.legend()
         paths += plot.save_figure(fig, directory / "average_accuracy")
         plt.close(fig)
-        for name, r in results.items():
+        for (name, r), title in zip(shown.items(), results):
             fig, ax = plt.subplots(figsize=(3.6, 3.2))
-            plot.accuracy_matrix(r.acc_matrix, ax=ax, task_names=r.task_names, title=name)
-            paths += plot.save_figure(fig, directory / f"accuracy_matrix_{name}")
+            plot.accuracy_matrix(r.acc_matrix[~r.diverged], ax=ax, task_names=r.task_names, title=name)
+            paths += plot.save_figure(fig, directory / f"accuracy_matrix_{title}")
+            plt.close(fig)
+        swept = {name: swept_key(r) for name, r in results.items() if swept_key(r)}
+        if swept and results[next(iter(results))].n_tasks >= 2:
+            fig, ax = plt.subplots(figsize=(4.5, 3.4))
+            plot.stability_plasticity(metrics.tradeoff_points(results, swept=swept), ax=ax)
+            paths += plot.save_figure(fig, directory / "stability_plasticity")
             plt.close(fig)
     return paths
 

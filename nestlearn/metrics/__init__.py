@@ -11,9 +11,14 @@ from nestlearn.metrics._matrix import (
     learning_accuracy,
     summary,
 )
+from nestlearn.metrics._plasticity import dead_unit_fraction, effective_rank, stable_rank, weight_magnitude
 from nestlearn.metrics._tradeoff import pareto_front, tradeoff_points
 
 __all__ = [
+    "dead_unit_fraction",
+    "effective_rank",
+    "stable_rank",
+    "weight_magnitude",
     "average_accuracy",
     "backward_transfer",
     "backward_transfer_continuum",

@@ -2,9 +2,12 @@
 
 from nestlearn.tasks._builders import permuted_mnist, rotated_mnist, split_digits, split_mnist
 from nestlearn.tasks._data import MnistData, load_digits, load_mnist, read_idx
+from nestlearn.tasks._plasticity import RegressionState, SlowlyChangingRegression
 from nestlearn.tasks._stream import TaskStream, identity_features
 
 __all__ = [
+    "RegressionState",
+    "SlowlyChangingRegression",
     "MnistData",
     "TaskStream",
     "identity_features",
