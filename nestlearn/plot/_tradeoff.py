@@ -15,7 +15,11 @@ _REFERENCE_MARKERS = {"naive": ("v", "0.35"), "joint": ("*", "0.1")}
 
 
 def stability_plasticity(
-    points: pd.DataFrame, *, ax: Axes | None = None, references: Sequence[str] = ("naive", "joint")
+    points: pd.DataFrame,
+    *,
+    ax: Axes | None = None,
+    references: Sequence[str] = ("naive", "joint"),
+    legend: bool = True,
 ) -> Axes:
     r"""Plasticity against stability, one marker per (strategy, value), error bars of one s.e.m.
 
@@ -32,6 +36,7 @@ def stability_plasticity(
       points: the output of :func:`nestlearn.metrics.tradeoff_points`.
       ax: axes to draw on; a new single-column figure if ``None``.
       references: strategy names drawn as reference markers rather than swept curves.
+      legend: draw the legend (turn off for all but one of several panels).
 
     Returns:
       The axes drawn on.
@@ -72,5 +77,6 @@ def stability_plasticity(
             )  # fmt: skip
         ax.set_xlabel("Plasticity (mean accuracy on each task after learning it)")
         ax.set_ylabel("Stability (1 − forgetting)")
-        ax.legend(loc="best")
+        if legend:
+            ax.legend(loc="best")
     return ax
