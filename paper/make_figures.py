@@ -11,6 +11,7 @@ figures whose results are present are still written.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from collections.abc import Callable
@@ -33,8 +34,8 @@ class MissingResults(Exception):
     """The stored results a figure needs are not there."""
 
 
-def results_of(runs: Path, experiment: str) -> dict[str, StreamResult]:
-    """The per-strategy results of a finished run of ``experiment`` under ``runs``."""
+def finished_run(runs: Path, experiment: str) -> Path:
+    """The run directory of a finished run of ``experiment``, or an error naming how to produce it."""
     directory = runs / experiment
     status = directory / "status.json"
     if not status.exists() or not json.loads(status.read_text()).get("complete"):
@@ -42,7 +43,13 @@ def results_of(runs: Path, experiment: str) -> dict[str, StreamResult]:
             f"no finished results of experiment {experiment!r} in {directory}; "
             f"produce them with: nestlearn run {experiment} --out {directory}"
         )
-    names = json.loads(status.read_text())["strategies"]
+    return directory
+
+
+def results_of(runs: Path, experiment: str) -> dict[str, StreamResult]:
+    """The per-strategy results of a finished run of ``experiment`` under ``runs``."""
+    directory = finished_run(runs, experiment)
+    names = json.loads((directory / "status.json").read_text())["strategies"]
     return {name: load_result(directory / "results" / f"{name}.npz") for name in names}
 
 
@@ -88,11 +95,34 @@ def fig_split_scenarios(runs: Path) -> plt.Figure:
     return fig
 
 
+def fig_stability_plasticity(runs: Path) -> plt.Figure:
+    from nestlearn import metrics
+    from nestlearn.experiment._run import swept_key
+
+    results = results_of(runs, "stability_plasticity")
+    swept = {name: swept_key(r) for name, r in results.items() if swept_key(r)}
+    fig, ax = plt.subplots(figsize=(plot.DOUBLE_COLUMN * 0.7, 3.4))
+    plot.stability_plasticity(metrics.tradeoff_points(results, swept=swept), ax=ax)
+    return fig
+
+
+def fig_loss_of_plasticity(runs: Path) -> plt.Figure:
+    directory = finished_run(runs, "loss_of_plasticity")
+    spec = importlib.util.spec_from_file_location(
+        "loss_of_plasticity", HERE.parent / "experiments" / "loss_of_plasticity.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.figure(directory / "results" / "online_regression.npz")
+
+
 FIGURES: dict[str, Callable[[Path], plt.Figure]] = {
     "01_permuted_forgetting_curves": fig_permuted_forgetting,
     "01_permuted_average_accuracy": fig_permuted_average,
     "01_permuted_accuracy_matrices": fig_permuted_matrices,
     "01_split_mnist_task_vs_class": fig_split_scenarios,
+    "02_stability_plasticity": fig_stability_plasticity,
+    "03_loss_of_plasticity": fig_loss_of_plasticity,
 }
 
 

@@ -223,3 +223,11 @@ def test_strategy_sections_and_a_sweep_in_one_program(tmp_path):
 def test_a_sweep_of_a_strategy_not_run_is_refused(capsys):
     rc, err = cli(["--set", "sweep.ewc=1,10", "--set", "strategies=naive"], capsys)
     assert rc == 2 and "sweep.ewc is set but 'ewc' is not in strategies" in err[0]
+
+
+def test_script_experiments_refuse_overrides(capsys):
+    assert main(["run", "loss_of_plasticity", "--set", "seeds=3"]) == 2
+    assert (
+        "experiment 'loss_of_plasticity' is a script: it takes neither --set nor --resume"
+        in capsys.readouterr().err
+    )

@@ -13,11 +13,15 @@ TINY = ["data.stream=split_digits", "data.n_tasks=2", "seeds=2", "model.hidden=8
         "train.batch_size=8", "train.evals_per_task=2"]  # fmt: skip
 
 
-def make_figures():
-    spec = importlib.util.spec_from_file_location("make_figures", REPO / "paper" / "make_figures.py")
+def load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def quiet(message):
+    del message
 
 
 @pytest.fixture(scope="module")
@@ -25,34 +29,40 @@ def runs(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     for name in ("permuted_mnist_forgetting", "split_mnist_task_forgetting", "split_mnist_class_forgetting"):
         run_experiment(
-            override(ExperimentConfig(), TINY),
-            runs / name,
-            experiment=name,
-            log=lambda m: None,
-            make_figures=False,
+            override(ExperimentConfig(), TINY), runs / name, experiment=name, log=quiet, make_figures=False
         )
+    sweep = override(ExperimentConfig(), [*TINY, "strategies=naive,joint,l2init", "sweep.l2init=0.001,0.1"])
+    run_experiment(
+        sweep, runs / "stability_plasticity", experiment="stability_plasticity", log=quiet, make_figures=False
+    )
+    load(REPO / "experiments" / "loss_of_plasticity.py").run(
+        runs / "loss_of_plasticity", log=quiet, scale=(200, (0, 1), 100)
+    )
     return runs
 
 
 def test_every_figure_is_built_from_stored_results_without_training(runs, tmp_path, monkeypatch):
-    module = make_figures()
+    module = load(REPO / "paper" / "make_figures.py")
     monkeypatch.setattr(continual.Learner, "run", lambda *a, **k: pytest.fail("make_figures must not train"))
     monkeypatch.setattr(
         continual.Learner, "run_task", lambda *a, **k: pytest.fail("make_figures must not train")
     )
+    monkeypatch.setattr(continual, "run_online_regression", lambda *a, **k: pytest.fail("must not train"))
     assert module.main(["--runs", str(runs), "--out", str(tmp_path / "figs")]) == 0
+    assert len(module.FIGURES) == 6
     for name in module.FIGURES:
         pdf = tmp_path / "figs" / f"{name}.pdf"
         assert pdf.read_bytes()[:5] == b"%PDF-", name
 
 
 def test_a_missing_run_is_named_with_the_command_that_produces_it(runs, tmp_path, capsys):
-    module = make_figures()
+    module = load(REPO / "paper" / "make_figures.py")
     partial = tmp_path / "runs"
     partial.mkdir()
     (partial / "permuted_mnist_forgetting").symlink_to(runs / "permuted_mnist_forgetting")
     assert module.main(["--runs", str(partial), "--out", str(tmp_path / "figs")]) == 1
     err = capsys.readouterr().err
     assert "'split_mnist_task_forgetting'" in err and "nestlearn run split_mnist_task_forgetting" in err
+    assert "nestlearn run loss_of_plasticity" in err and "nestlearn run stability_plasticity" in err
     assert (tmp_path / "figs" / "01_permuted_forgetting_curves.pdf").exists()  # the others were still built
     assert not (tmp_path / "figs" / "01_split_mnist_task_vs_class.pdf").exists()

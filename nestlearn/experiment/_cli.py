@@ -27,8 +27,12 @@ def load_experiment(name: str) -> tuple[str, ModuleType]:
             spec = importlib.util.spec_from_file_location(f"nestlearn_experiment_{path.stem}", path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
-            if not isinstance(getattr(module, "CONFIG", None), ExperimentConfig):
-                raise ConfigError(f"experiment file {path} defines no CONFIG = ExperimentConfig(...)")
+            if not isinstance(getattr(module, "CONFIG", None), ExperimentConfig) and not callable(
+                getattr(module, "run", None)
+            ):
+                raise ConfigError(
+                    f"experiment file {path} defines neither CONFIG = ExperimentConfig(...) nor run(out, quick=...)"
+                )
             return path.stem, module
     known = sorted(
         {
@@ -85,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{path.stem}: {doc[0] if doc else ''}")
             return 0
         name, module = load_experiment(args.experiment)
-        config = resolve(module, args.sets, quick=args.quick)
         out = args.out or Path("runs") / (name + ("-quick" if args.quick else ""))
+        if not isinstance(getattr(module, "CONFIG", None), ExperimentConfig):
+            return _run_custom(name, module, out, args)
+        config = resolve(module, args.sets, quick=args.quick)
         from nestlearn.experiment._run import run_experiment
 
         output = run_experiment(config, out, experiment=name, resume=args.resume, force=args.force)
@@ -95,6 +101,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"results: {output.directory / 'results'}")
     print(f"figures: {output.directory / 'figures'}")
+    return 0
+
+
+def _run_custom(name: str, module: ModuleType, out: Path, args: argparse.Namespace) -> int:
+    """An experiment that is a ``run(out, quick=...)`` function (its own loop, e.g. online regression)."""
+    if args.sets or args.resume:
+        raise ConfigError(f"experiment {name!r} is a script: it takes neither --set nor --resume")
+    if out.exists() and any(out.iterdir()):
+        if not args.force:
+            raise ConfigError(f"output directory {out} already exists; pass --force to replace it")
+        import shutil
+
+        shutil.rmtree(out)
+    module.run(out, quick=args.quick, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(f"results: {out / 'results'}")
+    print(f"figures: {out / 'figures'}")
     return 0
 
 
