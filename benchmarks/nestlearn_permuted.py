@@ -27,7 +27,9 @@ from nestlearn.experiment._rundir import write_json  # noqa: E402
 def make_strategy(args):
     """naive, EWC (lambda, separate Fisher per task) or experience replay (reservoir buffer)."""
     if args.strategy == "ewc":
-        return continual.EWC(lam=args.ewc_lambda)
+        # Avalanche's EWC estimates the Fisher from the squared gradients of every minibatch of the whole
+        # experience; per_example=False over all 4,000 training images is that same estimate.
+        return continual.EWC(lam=args.ewc_lambda, per_example=False, fisher_samples=4000, fisher_batch=64)
     if args.strategy == "replay":
         return continual.Replay(buffer_size=args.mem_size)
     return continual.Naive()
