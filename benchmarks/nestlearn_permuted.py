@@ -28,8 +28,11 @@ def make_strategy(args):
     """naive, EWC (lambda, separate Fisher per task) or experience replay (reservoir buffer)."""
     if args.strategy == "ewc":
         # Avalanche's EWC estimates the Fisher from the squared gradients of every minibatch of the whole
-        # experience; per_example=False over all 4,000 training images is that same estimate.
-        return continual.EWC(lam=args.ewc_lambda, per_example=False, fisher_samples=4000, fisher_batch=64)
+        # experience; per_example=False over all 4,000 training images is that same estimate. Its penalty
+        # is lam * sum F (theta - theta*)^2, without the 1/2 of nestlearn's (Kirkpatrick et al.'s)
+        # lam / 2 * ..., so Avalanche's lam is nestlearn's 2 * lam.
+        lam = 2 * args.ewc_lambda if args.avalanche_convention else args.ewc_lambda
+        return continual.EWC(lam=lam, per_example=False, fisher_samples=4000, fisher_batch=64)
     if args.strategy == "replay":
         return continual.Replay(buffer_size=args.mem_size)
     return continual.Naive()
@@ -67,6 +70,9 @@ def main():
     p.add_argument("--data", default=None)
     p.add_argument("--strategy", choices=("naive", "ewc", "replay"), default="naive")
     p.add_argument("--ewc-lambda", type=float, default=100.0)
+    p.add_argument(
+        "--avalanche-convention", action="store_true", help="--ewc-lambda in Avalanche's convention"
+    )
     p.add_argument("--mem-size", type=int, default=500)
     args = p.parse_args()
     stream = tasks.permuted_mnist(10, seed=0)
