@@ -92,14 +92,9 @@ def main() -> None:
     p.add_argument("--mem-size", type=int, default=500)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    strategy_args = [
-        "--strategy",
-        args.strategy,
-        "--ewc-lambda",
-        str(args.ewc_lambda),
-        "--mem-size",
-        str(args.mem_size),
-    ]
+    # --ewc-lambda is in Avalanche's convention (its penalty has no 1/2); nestlearn's side converts it.
+    strategy_args = ["--strategy", args.strategy, "--ewc-lambda", str(args.ewc_lambda), "--mem-size", str(args.mem_size),
+                     "--avalanche-convention"]  # fmt: skip
     if args.out is None:
         suffix = {"naive": "", "ewc": f"_ewc{args.ewc_lambda:g}", "replay": f"_replay{args.mem_size}"}[
             args.strategy
