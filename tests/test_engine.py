@@ -228,12 +228,22 @@ def test_reset_optimizer_restarts_momentum_each_task():
         np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
-def test_masked_cross_entropy_is_cross_entropy_over_the_task_units():
+def test_context_loss_is_cross_entropy_over_the_task_units():
+    stream = make_tiny_stream(n_tasks=2, n_classes=4)
+    stream = stream.replace(class_mask=jnp.array([[True] * 4, [False, True, True, False]]))
     logits = jnp.array([[2.0, -1.0, 0.5, 3.0]])
-    mask = jnp.array([[False, True, True, False]])
-    got = continual.masked_cross_entropy(logits, jnp.array([2]), mask)
-    expected = -0.5 + np.log(np.exp(-1.0) + np.exp(0.5))  # -log softmax([-1, 0.5])[1]
-    np.testing.assert_allclose(got, [expected], rtol=1e-6)
+    ctx = continual.Context(
+        stream=stream,
+        task=jnp.asarray(1),
+        step=jnp.asarray(0),
+        key=jax.random.PRNGKey(0),
+        apply=lambda p, x: logits,
+    )
+    batch = Batch(x=jnp.zeros((1, 6)), y=jnp.array([2]), task=jnp.array([1]))
+    expected = -0.5 + np.log(np.exp(-1.0) + np.exp(0.5))  # -log softmax([-1, 0.5])[1]: units 0 and 3 masked
+    np.testing.assert_allclose(ctx.losses(None, batch), [expected], rtol=1e-6)
+    unmasked = -0.5 + np.log(np.exp([2.0, -1.0, 0.5, 3.0]).sum())
+    np.testing.assert_allclose(ctx.losses(None, batch.replace(task=jnp.array([0]))), [unmasked], rtol=1e-6)
 
 
 @pytest.mark.parametrize(

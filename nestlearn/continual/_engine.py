@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from nestlearn._errors import ConfigError
 from nestlearn.continual._result import StreamResult
@@ -111,14 +111,6 @@ class TaskOutput(flax.struct.PyTreeNode):
     curve: Float[Array, "evals task"]  # accuracy on every task at the in-task evaluation points
     loss: Float[Array, " points"]  # mean training loss since the previous evaluation point
     train_acc: Float[Array, " points"]  # mean accuracy on the training batches, measured before each update
-
-
-def masked_cross_entropy(
-    logits: Float[Array, "b c"], labels: Int[Array, " b"], mask: Bool[Array, "b c"]
-) -> Float[Array, " b"]:
-    """Softmax cross-entropy over the output units a task may use (the others masked to ``-inf``)."""
-    logits = jnp.where(mask, logits, -jnp.inf)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
 class Learner:
@@ -458,9 +450,9 @@ class Recorder:
     Its arrays are plain numpy, so they checkpoint with the run state and restore exactly.
     """
 
-    def __init__(self, config: TrainConfig, stream: TaskStream, runs: Sequence[dict] | int) -> None:
+    def __init__(self, config: TrainConfig, stream: TaskStream, runs: Sequence[dict]) -> None:
         self.config = config
-        self.runs = tuple({"seed": r} for r in range(runs)) if isinstance(runs, int) else tuple(runs)
+        self.runs = tuple(runs)
         n_seeds = len(self.runs)
         self.task_names = stream.task_names or tuple(f"task {t}" for t in range(stream.n_tasks))
         t, per = stream.n_tasks, config.evals_inside_task + 1
