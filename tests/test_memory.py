@@ -128,6 +128,51 @@ def test_reservoir_ignores_examples_not_offered():
     assert int(buf.filled) == 3
 
 
+def offer_one_at_a_time(buf, x, y, t, key, valid):
+    """Algorithm R written out: example i, if valid, is offer number ``seen`` and draws its slot from key i."""
+    bx, by, bt, seen = np.array(buf.x), np.array(buf.y), np.array(buf.task), int(buf.seen)
+    keys = jax.random.split(key, len(y))
+    for i in range(len(y)):
+        if not valid[i]:
+            continue
+        j = seen if seen < len(by) else int(jax.random.randint(keys[i], (), 0, seen + 1, dtype=jnp.int32))
+        if j < len(by):
+            bx[j], by[j], bt[j] = x[i], y[i], t[i]
+        seen += 1
+    return bx, by, bt, seen
+
+
+def test_reservoir_batch_add_equals_offering_one_example_at_a_time():
+    # K = 3 slots and batches of 12: most draws past the fill collide with another example of the same
+    # batch, and the later one must win, exactly as when the examples are offered one after another.
+    rng = np.random.default_rng(0)
+    for seed in range(6):
+        buf = reservoir_init(3, 2, 3)
+        ref = (np.array(buf.x), np.array(buf.y), np.array(buf.task), 0)
+        for step in range(4):
+            x, y, t = ids_batch(np.arange(12) + 12 * step)
+            valid = rng.random(12) < 0.8
+            key = jax.random.PRNGKey(100 * seed + step)
+            buf = reservoir_add(buf, x, y, t, key, valid=jnp.asarray(valid))
+            ref = offer_one_at_a_time(
+                buf.replace(
+                    x=jnp.asarray(ref[0]),
+                    y=jnp.asarray(ref[1]),
+                    task=jnp.asarray(ref[2]),
+                    seen=jnp.asarray(ref[3], jnp.int32),
+                ),
+                np.asarray(x),
+                np.asarray(y),
+                np.asarray(t),
+                key,
+                valid,
+            )
+            np.testing.assert_array_equal(np.asarray(buf.y), ref[1])
+            np.testing.assert_array_equal(np.asarray(buf.x), ref[0])
+            np.testing.assert_array_equal(np.asarray(buf.task), ref[2])
+            assert int(buf.seen) == ref[3]
+
+
 def test_reservoir_sample_draws_only_filled_slots_and_weights_an_empty_buffer_zero():
     buf = reservoir_init(10, 2, 3, with_logits=True)
     x, y, w = reservoir_sample(buf, jax.random.PRNGKey(0), 7)[::2]

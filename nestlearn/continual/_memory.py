@@ -97,29 +97,33 @@ def reservoir_add(
         raise ValueError("logits must be given exactly when the buffer stores logits")
     b = y.shape[0]
     valid = jnp.ones((b,), bool) if valid is None else valid
-    keys = jax.random.split(key, b)
     k = buffer.capacity
+    # Vectorised Algorithm R, equal to offering the examples one after another: example i of the batch is
+    # offer number n_i = seen + (valid examples before it); it draws j_i ~ U{0, ..., n_i} from its own key
+    # and goes to slot n_i if n_i < K, else to slot j_i if j_i < K. When two examples of the batch land in
+    # the same slot the later one overwrites the earlier, so an example is written only if no later valid
+    # example of the batch targets its slot; the surviving slots are distinct and one scatter writes them.
+    count = valid.astype(jnp.int32)
+    offer = buffer.seen + jnp.cumsum(count) - count
+    drawn = jax.vmap(lambda key_i, n: jax.random.randint(key_i, (), 0, n + 1, dtype=jnp.int32))(
+        jax.random.split(key, b), offer
+    )
+    slot = jnp.where(offer < k, offer, drawn)
+    lands = valid & (slot < k)
+    later = jnp.arange(b)[None, :] > jnp.arange(b)[:, None]
+    overwritten = (later & lands[None, :] & (slot[None, :] == slot[:, None])).any(axis=1)
+    slot = jnp.where(lands & ~overwritten, slot, k)  # index k is out of bounds: dropped by the scatter
 
-    def offer(buf: ReservoirBuffer, item):
-        xi, yi, ti, li, vi, key_i = item
-        drawn = jax.random.randint(key_i, (), 0, buf.seen + 1, dtype=jnp.int32)
-        slot = jnp.where(buf.seen < k, buf.seen, drawn)
-        write = vi & (slot < k)
-        slot = jnp.minimum(slot, k - 1)
+    def put(store, value):
+        return store.at[slot].set(value.astype(store.dtype), mode="drop", unique_indices=False)
 
-        def put(store, value):
-            return store.at[slot].set(jnp.where(write, value, store[slot]))
-
-        return buf.replace(
-            x=put(buf.x, xi),
-            y=put(buf.y, yi),
-            task=put(buf.task, ti),
-            logits=None if li is None else put(buf.logits, li),
-            seen=buf.seen + vi.astype(jnp.int32),
-        ), None
-
-    buffer, _ = jax.lax.scan(offer, buffer, (x, y, task, logits, valid, keys))
-    return buffer
+    return buffer.replace(
+        x=put(buffer.x, x),
+        y=put(buffer.y, y),
+        task=put(buffer.task, task),
+        logits=None if logits is None else put(buffer.logits, logits),
+        seen=buffer.seen + count.sum(),
+    )
 
 
 def reservoir_sample(
