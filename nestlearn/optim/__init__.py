@@ -1,0 +1,37 @@
+"""Multi-timescale optimizers as optax transforms: the level clock, per-group update periods (the CMS
+rule), N-level fast/slow consolidation, delta and deep momentum, Delta Gradient Descent and M3."""
+
+from nestlearn.optim._clock import LevelClock, clock_timeline, level_clock
+from nestlearn.optim._consolidation import ConsolidationState, LevelParams, consolidation
+from nestlearn.optim._delta_gd import DeltaGDState, delta_gradient_descent, delta_gradient_step
+from nestlearn.optim._m3 import M3State, m3
+from nestlearn.optim._momentum import (
+    DeepMomentumState,
+    DeltaMomentumState,
+    deep_momentum,
+    delta_momentum,
+    momentum_mlp,
+)
+from nestlearn.optim._periodic import PeriodicState, period_schedule, periodic
+
+__all__ = [
+    "ConsolidationState",
+    "DeepMomentumState",
+    "DeltaGDState",
+    "DeltaMomentumState",
+    "LevelClock",
+    "LevelParams",
+    "M3State",
+    "PeriodicState",
+    "clock_timeline",
+    "consolidation",
+    "deep_momentum",
+    "delta_gradient_descent",
+    "delta_gradient_step",
+    "delta_momentum",
+    "level_clock",
+    "m3",
+    "momentum_mlp",
+    "period_schedule",
+    "periodic",
+]

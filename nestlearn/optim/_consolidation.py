@@ -1,0 +1,170 @@
+"""N-level fast/slow consolidation: each slower copy of the parameters moves toward the next faster one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from nestlearn.optim._clock import check_periods, level_clock
+
+
+class LevelParams(NamedTuple):
+    """Parameters of an N-level learner: ``levels[0]`` is the fastest copy, ``levels[-1]`` the slowest.
+
+    Compute gradients at ``params.fastest``; evaluate (or deploy) ``params.slowest``. Updates returned by
+    :func:`consolidation` have the same structure, so ``optax.apply_updates`` applies them.
+
+    Attributes:
+      levels: tuple of parameter pytrees of identical structure, fastest first.
+    """
+
+    levels: tuple
+
+    @classmethod
+    def init_synced(cls, params, num_levels: int) -> LevelParams:
+        """``num_levels`` (>= 2) identical copies of ``params``."""
+        if not isinstance(num_levels, int) or num_levels < 2:
+            raise ValueError(f"num_levels must be an int >= 2, got {num_levels!r}")
+        return cls(tuple(params for _ in range(num_levels)))
+
+    @property
+    def fastest(self):
+        """Level 0, trained by the inner optimizer every step."""
+        return self.levels[0]
+
+    @property
+    def slowest(self):
+        """The last level, the most consolidated copy."""
+        return self.levels[-1]
+
+
+class ConsolidationState(NamedTuple):
+    """State of :func:`consolidation`.
+
+    Attributes:
+      count: int32, steps taken.
+      inner_state: state of the level-0 optimizer.
+    """
+
+    count: jax.Array
+    inner_state: optax.OptState
+
+
+def consolidation(
+    inner: optax.GradientTransformation,
+    sync_periods: Sequence[int] | jax.typing.ArrayLike,
+    rates: Sequence[float] | jax.typing.ArrayLike,
+    *,
+    reset_faster: bool = True,
+    reset_state: bool = False,
+) -> optax.GradientTransformation:
+    r"""N-level fast/slow consolidation: level k+1 moves toward level k every :math:`P_k` steps at rate :math:`\alpha_k`.
+
+    Level 0 takes the inner optimizer's update :math:`u` every step. At step :math:`t` (from 0), let
+    :math:`s_k = [(t+1) \bmod P_k = 0]` (the :func:`level_clock` of periods ``sync_periods``). For
+    :math:`k = 0, \dots, N-2` in order (fast to slow, so a slower level sees the already-consolidated
+    faster one, as nested lookahead loops do), with :math:`\tilde\theta_k` the new value of level k:
+
+    .. math::
+      \tilde\theta_0 = \theta_0 + u, \qquad
+      \tilde\theta_{k+1} = \theta_{k+1} + s_k\,\alpha_k(\tilde\theta_k - \theta_{k+1}),
+
+    and with ``reset_faster`` every level :math:`j \le k` is set to :math:`\tilde\theta_{k+1}` when
+    :math:`s_k` (lookahead's "fast weights restart from the slow ones"). Written as masks
+    (``u - s (1-α) d``), never a Python branch, so periods and rates may be traced arrays.
+
+    Two levels with ``reset_faster=True`` is ``optax.lookahead(inner, P_0, α_0, reset_state=...)``; the
+    level-0 and level-1 arithmetic is lookahead's, so the trajectories agree bit for bit. Built on the
+    same merged-update derivation as ``optax/_src/lookahead.py``; N levels and the no-reset variant are
+    written here because lookahead stops at two.
+
+    Args:
+      inner: optimizer of level 0.
+      sync_periods: ``N-1`` ints >= 1; ``sync_periods[k]`` is how often level k+1 moves toward level k.
+      rates: ``N-1`` floats; ``rates[k]`` is :math:`\alpha_k` (1 copies level k, 0 freezes level k+1).
+      reset_faster: keyword-only; on a sync of level k+1, reset levels 0..k to it (default, lookahead).
+      reset_state: keyword-only; re-initialise the inner optimizer's state whenever level 1 syncs.
+
+    Returns:
+      An :class:`optax.GradientTransformation` over :class:`LevelParams`. Its ``update`` takes
+      gradients with the structure of one level (computed at ``params.fastest``) and returns
+      :class:`LevelParams` updates.
+
+    Example:
+      >>> tx = consolidation(optax.sgd(0.5), [2], [0.5])
+      >>> p = LevelParams.init_synced(jnp.zeros(1), 2); s = tx.init(p)
+      >>> for _ in range(2):
+      ...   u, s = tx.update(jnp.ones(1), s, p); p = optax.apply_updates(p, u)
+      >>> p.fastest.tolist(), p.slowest.tolist()
+      ([-0.5], [-0.5])
+
+    References:
+      Zhang et al., Lookahead Optimizer: k steps forward, 1 step back, 2019; Behrouz et al., Nested
+      Learning, 2025 (levels consolidating toward faster ones).
+    """
+    periods = jnp.atleast_1d(check_periods(sync_periods, "sync_periods"))
+    rates = jnp.atleast_1d(jnp.asarray(rates))
+    if periods.shape != rates.shape or periods.ndim != 1:
+        raise ValueError(
+            f"sync_periods and rates must be 1-D of the same length (levels - 1), got shapes "
+            f"{periods.shape} and {rates.shape}"
+        )
+    num_syncs = periods.shape[0]
+
+    def init_fn(params):
+        fast = params.levels[0] if isinstance(params, LevelParams) else params
+        return ConsolidationState(jnp.zeros([], jnp.int32), inner.init(fast))
+
+    def update_fn(updates, state, params):
+        if not isinstance(params, LevelParams) or len(params.levels) != num_syncs + 1:
+            raise ValueError(
+                f"params must be LevelParams with {num_syncs + 1} levels (one more than sync_periods), "
+                f"got {type(params).__name__}"
+                + (f" with {len(params.levels)} levels" if isinstance(params, LevelParams) else "")
+            )
+        theta = params.levels
+        u0, inner_state = inner.update(updates, state.inner_state, theta[0])
+        sync = level_clock(periods, state.count).active
+        ups = [u0] + [None] * num_syncs
+        for k in range(num_syncs):
+            ups = _sync(ups, theta, k, sync[k], rates[k], reset_faster)
+        if reset_state:
+            fresh = inner.init(theta[0])
+            s0 = sync[0]
+            inner_state = jax.tree.map(
+                lambda c, i: (
+                    (1 - s0.astype(c.dtype)) * c + s0.astype(c.dtype) * i
+                    if jnp.issubdtype(c.dtype, jnp.inexact)
+                    else jnp.where(s0, i, c)
+                ),
+                inner_state,
+                fresh,
+            )
+        return LevelParams(tuple(ups)), ConsolidationState(optax.safe_increment(state.count), inner_state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _sync(ups, theta, k, s, alpha, reset_faster):
+    """Level k+1's sync toward level k (masked by ``s``), and the reset of levels 0..k when it syncs."""
+    ups = list(ups)
+    # d = (θ_k + U_k) - θ_{k+1}: the faster level's new value minus the slower level's old one.
+    d = jax.tree.map(lambda t, u, ts: t + u - ts, theta[k], ups[k], theta[k + 1])
+    ups[k + 1] = jax.tree.map(lambda x: alpha.astype(x.dtype) * s.astype(x.dtype) * x, d)
+    if reset_faster:
+        # Level k lands on θ_{k+1} + α d: U_k - s (1 - α) d (lookahead's fast update, bit for bit).
+        ups[k] = jax.tree.map(lambda u, x: u - s.astype(x.dtype) * (1 - alpha.astype(x.dtype)) * x, ups[k], d)
+        # Faster levels j < k land on the same value: U_j - s (θ_j + U_j - θ_{k+1} - α d).
+        for j in range(k):
+            ups[j] = jax.tree.map(
+                lambda u, t, ts, x: u - s.astype(x.dtype) * (t + u - ts - alpha.astype(x.dtype) * x),
+                ups[j],
+                theta[j],
+                theta[k + 1],
+                d,
+            )
+    return ups
