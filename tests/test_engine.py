@@ -79,6 +79,32 @@ def test_engine_equals_per_step_reference():
     assert int(state.step[0]) == 21
 
 
+def test_init_params_start_every_run_from_the_given_parameters():
+    stream = make_tiny_stream(n_tasks=2)
+    config = TrainConfig(steps_per_task=5, batch_size=8)
+    learner = Learner(mlp(stream), optax.sgd(0.1), continual.Naive(), config)
+    # The model's own initialisation for seed 3, handed back as a start: the run must equal seed 3's.
+    own = nnx.split(mlp(stream)(nnx.Rngs(jax.random.split(jax.random.PRNGKey(3))[0])))[1]
+    given = learner.run(stream, seeds=[3], init_params=own)
+    plain = learner.run(stream, seeds=[3])
+    np.testing.assert_allclose(given.train_loss, plain.train_loss, rtol=1e-6)
+    # One start shared by every seed: seeds then differ only in their batches.
+    state = learner.init(stream, [0, 1], init_params=own)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(own)):
+        np.testing.assert_array_equal(a, np.stack([b, b]))
+    # One start per run, stacked.
+    other = jax.tree.map(lambda a: a + 1.0, own)
+    stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), own, other)
+    state = learner.init(stream, [0, 1], init_params=stacked)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(other)):
+        np.testing.assert_array_equal(a[1], b)
+    bad = jax.tree.map(lambda a: a[..., :1], own)
+    with pytest.raises(ConfigError, match=r"init_params.*has shape"):
+        learner.init(stream, [0, 1], init_params=bad)
+    with pytest.raises(ConfigError, match="structure"):
+        learner.init(stream, [0], init_params={"w": jnp.zeros(3)})
+
+
 def test_run_records_matrix_curves_and_steps():
     stream = make_tiny_stream(n_tasks=3)
     config = TrainConfig(steps_per_task=10, batch_size=8, eval_every=4)  # in-task points at 4, 8; end at 10

@@ -156,7 +156,9 @@ class Learner:
         # Initialisation runs once per run: compile it without LLVM's optimisations on CPU, where they
         # cost about two seconds (threefry for every parameter) and save a few milliseconds of run time.
         fast_compile = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-        self._init = jax.jit(jax.vmap(self._init_one, in_axes=(0, 0, 0, None)), compiler_options=fast_compile)
+        self._init = jax.jit(
+            jax.vmap(self._init_one, in_axes=(0, 0, 0, None, 0)), compiler_options=fast_compile
+        )
         self._evaluate_init = jax.jit(jax.vmap(self._evaluate, in_axes=(0, None)))
         self._task = jax.jit(
             lambda state, stream, task, n_epochs: jax.vmap(
@@ -177,10 +179,16 @@ class Learner:
         return optax.tree_utils.tree_set(opt_state, **opt_hparams) if opt_hparams else opt_state
 
     def _init_one(
-        self, key: PRNGKeyArray, strategy: Strategy, opt_hparams: dict[str, Array], stream: TaskStream
+        self,
+        key: PRNGKeyArray,
+        strategy: Strategy,
+        opt_hparams: dict[str, Array],
+        stream: TaskStream,
+        params: Params | None = None,
     ) -> RunState:
         k_model, k_run = jax.random.split(key)
-        params = nnx.split(self.model(nnx.Rngs(k_model)))[1]
+        if params is None:
+            params = nnx.split(self.model(nnx.Rngs(k_model)))[1]
         return RunState(
             params=params,
             opt_state=self._init_optimizer(params, opt_hparams),
@@ -301,6 +309,7 @@ class Learner:
         seeds: Sequence[int],
         mesh: Mesh | None = None,
         hparams: Mapping[str, Sequence[float]] | None = None,
+        init_params: Params | None = None,
     ) -> RunState:
         """The state of every run before training, the run axis sharded over ``mesh`` if given.
 
@@ -311,9 +320,13 @@ class Learner:
           hparams: per-run hyperparameter values, each a sequence as long as ``seeds``: a strategy field
             by its name (``"lam"``), or an ``optax.inject_hyperparams`` hyperparameter of the optimizer
             as ``"optimizer.<name>"`` (``"optimizer.learning_rate"``).
+          init_params: start from these parameters instead of the model's random initialisation (a
+            meta-learned or pre-trained start): the model's parameter pytree, either one for every run or
+            stacked with a leading axis of one entry per run. The seeds still drive everything else.
         """
         keys, strategies, opt_hparams = self._run_inputs(seeds, hparams or {})
-        state = self._init(keys, strategies, opt_hparams, stream)
+        params = None if init_params is None else self._stack_init_params(init_params, len(seeds))
+        state = self._init(keys, strategies, opt_hparams, stream, params)
         if mesh is not None:
             state = jax.device_put(state, seed_sharding(mesh))
         return state
@@ -362,6 +375,32 @@ class Learner:
         )  # raw keys checkpoint as arrays
         return keys, stacked, opt_values
 
+    def _stack_init_params(self, init_params: Params, n: int) -> Params:
+        """``init_params`` with a leading run axis of ``n``; a clear error if it is not the model's pytree."""
+        want = self.abstract_params()
+        if jax.tree.structure(init_params) != jax.tree.structure(want):
+            raise ConfigError(
+                "init_params must have the structure of the model's parameters "
+                f"({jax.tree.structure(want)}), got {jax.tree.structure(init_params)}"
+            )
+        leaves, wants = jax.tree.leaves(init_params), jax.tree.leaves(want)
+        if all(jnp.shape(a) == w.shape for a, w in zip(leaves, wants)):
+            return jax.tree.map(
+                lambda a, w: jnp.broadcast_to(jnp.asarray(a, w.dtype), (n, *w.shape)), init_params, want
+            )
+        if all(jnp.shape(a) == (n, *w.shape) for a, w in zip(leaves, wants)):
+            return jax.tree.map(lambda a, w: jnp.asarray(a, w.dtype), init_params, want)
+        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(want)[0]]
+        bad = next(
+            (path, jnp.shape(a), w.shape)
+            for path, a, w in zip(paths, leaves, wants)
+            if jnp.shape(a) not in (w.shape, (n, *w.shape))
+        )
+        raise ConfigError(
+            f"init_params{bad[0]} has shape {bad[1]}; expected {bad[2]} (one start for every run) or "
+            f"{(n, *bad[2])} (one per run)"
+        )
+
     def abstract_params(self) -> Params:
         """Shapes and dtypes of the model's parameters."""
         return nnx.split(jax.eval_shape(lambda: self.model(nnx.Rngs(0))))[1]
@@ -372,7 +411,12 @@ class Learner:
         """Shapes and dtypes of the state of these runs, without allocating (to restore into)."""
         keys, strategies, opt_hparams = self._run_inputs(seeds, hparams or {})
         return jax.eval_shape(
-            jax.vmap(self._init_one, in_axes=(0, 0, 0, None)), keys, strategies, opt_hparams, stream
+            jax.vmap(self._init_one, in_axes=(0, 0, 0, None, None)),
+            keys,
+            strategies,
+            opt_hparams,
+            stream,
+            None,
         )
 
     def evaluate(self, state: RunState, stream: TaskStream) -> Float[Array, "seed task"]:
@@ -398,6 +442,7 @@ class Learner:
         sweep: Mapping[str, Sequence[float]] | None = None,
         mesh: Mesh | None = None,
         on_task_end: Callable[[int, RunState, StreamResult], None] | None = None,
+        init_params: Params | None = None,
     ) -> StreamResult:
         """Runs the whole stream for every seed (and every sweep point) in one program.
 
@@ -410,13 +455,14 @@ class Learner:
           mesh: optional device mesh with one axis named ``"seeds"`` over which runs are sharded.
           on_task_end: called on the host after each task with the task index, the state and the
             results so far (rows of later tasks still zero).
+          init_params: start every run (or, stacked, each run) from these parameters; see :meth:`init`.
 
         Returns:
           A :class:`StreamResult` with one row per run.
         """
         runs = sweep_runs(seeds, sweep or {})
         hparams = {k: [r[k] for r in runs] for k in (sweep or {})}
-        state = self.init(stream, [r["seed"] for r in runs], mesh, hparams)
+        state = self.init(stream, [r["seed"] for r in runs], mesh, hparams, init_params)
         recorder = Recorder(self.config, stream, runs)
         recorder.record_init(self.evaluate(state, stream))
         for task in range(stream.n_tasks):
