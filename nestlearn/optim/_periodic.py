@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from nestlearn.optim._clock import check_periods, level_clock
@@ -41,16 +42,15 @@ def periodic(
       u_t = \begin{cases} \mathrm{inner}(a / P^{[\text{mean}]}),\ a \leftarrow 0 & (t+1) \bmod P = 0 \\
       0 & \text{otherwise} \end{cases}
 
-    The inner optimizer's state advances only on update steps. The "every P steps" is an arithmetic
-    mask (``emit * u``, ``where(emit, new_state, old_state)``), as in ``optax.lookahead``; the inner update
-    is evaluated every step and discarded off-period, which costs one inner update per step.
+    The inner optimizer's state advances only on update steps; off-period updates are zeros.
 
     Why not ``optax.MultiSteps(inner, every_k_schedule=P, use_grad_mean=False)``: it has the same rule,
     but in optax 0.2.8 it multiplies bool by int32 and fails under ``jax_numpy_dtype_promotion="strict"``
     (which nestlearn's tests use), wraps its step in a ``lax.cond`` that vmap turns into a select of both
     branches, and keeps a float32 accumulator whatever the parameters' dtype. This transform keeps the
-    gradients' dtype, has no ``cond``, and takes ``period`` as a traced array (so a sweep over periods can
-    be vmapped). With ``period = 1`` and the sum it reduces bit for bit to ``inner``.
+    gradients' dtype, skips the inner update off-period with one ``lax.cond`` (a select under vmap),
+    and takes ``period`` as a traced array (so a sweep over periods can be vmapped). A concrete
+    ``period = 1`` is ``inner`` itself, bit for bit and without an accumulator.
 
     Args:
       inner: the optimizer applied once per period.
@@ -72,27 +72,38 @@ def periodic(
     References:
       Behrouz et al., Nested Learning, 2025, the Continuum Memory System update rule.
     """
+    every_step = not isinstance(period, jax.core.Tracer) and np.asarray(period).tolist() == 1
     period = check_periods(period, "period")
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        return PeriodicState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params), inner.init(params))
+        acc = () if every_step else optax.tree.zeros_like(params)
+        return PeriodicState(jnp.zeros([], jnp.int32), acc, inner.init(params))
+
+    def every_step_update(updates, state, params=None, **extra_args):
+        # A concrete period of 1: no accumulator, the inner optimizer itself (bit for bit, no overhead).
+        new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        return new_updates, PeriodicState(optax.safe_increment(state.count), (), inner_state)
 
     def update_fn(updates, state, params=None, **extra_args):
-        clock = level_clock(period, state.count)
-        emit = clock.active
+        emit = level_clock(period, state.count).active
         acc = jax.tree.map(lambda a, g: a + g, state.acc, updates)
-        if use_grad_mean:
-            fed = jax.tree.map(lambda a: a / period.astype(a.dtype), acc)
-        else:
-            fed = acc
-        new_updates, new_inner = inner.update(fed, state.inner_state, params, **extra_args)
-        new_updates = jax.tree.map(lambda u: emit.astype(u.dtype) * u, new_updates)
-        inner_state = jax.tree.map(lambda n, o: jnp.where(emit, n, o), new_inner, state.inner_state)
+
+        def apply(acc, inner_state):
+            fed = jax.tree.map(lambda a: a / period.astype(a.dtype), acc) if use_grad_mean else acc
+            return inner.update(fed, inner_state, params, **extra_args)
+
+        def hold(acc, inner_state):
+            zeros = optax.tree.zeros_like(jax.eval_shape(apply, acc, inner_state)[0])
+            return zeros, inner_state
+
+        # lax.cond skips the inner update off-period (under vmap with a batched counter it becomes a
+        # select of both branches, the arithmetic-mask form of optax.lookahead).
+        new_updates, inner_state = jax.lax.cond(emit, apply, hold, acc, state.inner_state)
         acc = jax.tree.map(lambda a: (1 - emit.astype(a.dtype)) * a, acc)
         return new_updates, PeriodicState(optax.safe_increment(state.count), acc, inner_state)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, every_step_update if every_step else update_fn)
 
 
 def period_schedule(
