@@ -129,9 +129,18 @@ def consolidation(
         theta = params.levels
         u0, inner_state = inner.update(updates, state.inner_state, theta[0])
         sync = level_clock(periods, state.count).active
-        ups = [u0] + [None] * num_syncs
-        for k in range(num_syncs):
-            ups = _sync(ups, theta, k, sync[k], rates[k], reset_faster)
+
+        def synced(u0):
+            ups = [u0] + [None] * num_syncs
+            for k in range(num_syncs):
+                ups = _sync(ups, theta, k, sync[k], rates[k], reset_faster)
+            return tuple(ups)
+
+        def unsynced(u0):
+            return (u0,) + tuple(optax.tree.zeros_like(u0) for _ in range(num_syncs))
+
+        # Most steps sync nothing: lax.cond skips the level arithmetic then (a select under vmap).
+        ups = jax.lax.cond(jnp.any(sync), synced, unsynced, u0)
         if reset_state:
             fresh = inner.init(theta[0])
             s0 = sync[0]
