@@ -8,10 +8,39 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jaxtyping import Array
 
 from nestlearn.meta._base import InnerProblem, MetaLearner, Metrics, identity, pre_loss
 from nestlearn.meta._inner import LossFn, Params, adapt
 from nestlearn.tasks._meta import TaskBatch
+
+
+def _dot(a, b) -> Array:
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _cg(matvec, b, n: int):
+    """``n`` iterations of conjugate gradient for ``matvec(x) = b`` from ``x = 0``, on pytrees.
+
+    A fixed trip count (``lax.fori_loop``) rather than ``jax.scipy.sparse.linalg.cg``'s tolerance-driven
+    ``while_loop``: the cost is known, and under ``vmap`` (tasks, seeds) no batched predicate is needed.
+    A direction of zero curvature (converged residual) makes the step 0 instead of 0/0.
+    """
+    axpy = lambda a, x, y: jax.tree.map(lambda xi, yi: a * xi + yi, x, y)  # noqa: E731
+
+    def body(_, carry):
+        x, r, p, rs = carry
+        ap = matvec(p)
+        pap = _dot(p, ap)
+        alpha = jnp.where(pap > 0, rs / jnp.where(pap > 0, pap, 1.0), 0.0)
+        x = axpy(alpha, p, x)
+        r = axpy(-alpha, ap, r)
+        rs_new = _dot(r, r)
+        beta = jnp.where(rs > 0, rs_new / jnp.where(rs > 0, rs, 1.0), 0.0)
+        return x, r, axpy(beta, p, r), rs_new
+
+    zero = jax.tree.map(jnp.zeros_like, b)
+    return jax.lax.fori_loop(0, n, body, (zero, b, b, _dot(b, b)))[0]
 
 
 @final
@@ -26,7 +55,7 @@ class IMAML(MetaLearner):
 
     so the meta-gradient of task ``t`` is ``v_t`` solving ``(I + H_t/λ) v_t = ∇L(φ_t; 𝒟^q_t)``, with
     ``H_t`` the support-loss Hessian at the adapted ``φ_t``. ``v_t`` comes from ``cg_steps`` iterations of
-    conjugate gradient (``jax.scipy.sparse.linalg.cg``) on Hessian-vector products (forward-over-reverse
+    conjugate gradient (a fixed-count ``lax.fori_loop``) on Hessian-vector products (forward-over-reverse
     ``jax.jvp`` of ``jax.grad``), never forming ``H``. Memory does not grow with ``steps``: the inner loop
     is not differentiated. ``φ_t`` approximates ``φ^*_t`` by ``steps`` steps of ``inner_opt`` on the
     proximal objective from ``θ``; the formula assumes it is (near) the minimiser.
@@ -84,7 +113,7 @@ class IMAML(MetaLearner):
                 hv = jax.jvp(support_grad, (phi,), (v,))[1]
                 return jax.tree.map(lambda a, b: a + b / self.lam, v, hv)
 
-            v, _ = jax.scipy.sparse.linalg.cg(matvec, g_query, maxiter=self.cg_steps, tol=0.0)
+            v = _cg(matvec, g_query, self.cg_steps)
             post = self.loss_fn(phi, task.query_x, task.query_y)
             pre = pre_loss(self, theta, task)
             return v, post, pre
