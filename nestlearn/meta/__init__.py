@@ -11,6 +11,8 @@ learners share one small interface (:class:`MetaLearner`: ``init``, ``inner_prob
 - :class:`MetaSGD`: MAML plus a learned inner rate per parameter, stored as ``log_lr``.
 - :class:`ANIL`: only the head adapts; body and head are meta-learned through the unroll.
 - :class:`Reptile`: the pseudo-gradient ``θ − φ``, no derivative of the inner loop.
+- :class:`OML`: a meta-learned representation under a head that learns online (continual learning).
+- :class:`LaMAML`: look-ahead MAML with learned, clipped per-parameter rates and replay (online).
 - :class:`IMAML`: a proximal inner problem whose meta-gradient comes from conjugate gradient on
   Hessian-vector products (memory independent of the number of inner steps).
 
@@ -29,7 +31,9 @@ from nestlearn.meta._inner import (
     mse_loss,
     plain_path,
 )
+from nestlearn.meta._lamaml import LaMAML, LaMAMLState
 from nestlearn.meta._maml import ANIL, MAML, MetaSGD, MetaSGDParams
+from nestlearn.meta._oml import OML, OMLParams, OMLTrainState
 from nestlearn.meta._reptile import Reptile
 from nestlearn.meta._train import MetaTrainer, MetaTrainState, meta_train
 
@@ -39,11 +43,16 @@ __all__ = [
     "IMAML",
     "MAML",
     "InnerProblem",
+    "LaMAML",
+    "LaMAMLState",
     "MetaLearner",
     "MetaSGD",
     "MetaSGDParams",
     "MetaTrainState",
     "MetaTrainer",
+    "OML",
+    "OMLParams",
+    "OMLTrainState",
     "Reptile",
     "adapt",
     "adapt_trajectory",
