@@ -89,14 +89,18 @@ def train(method: str, k: int, seeds, n_iters: int, chunk: int, log):
     return learner, state, np.concatenate(losses, axis=1)
 
 
-def run(out: Path, *, quick: bool = False, log=print, scale: tuple | None = None) -> None:
-    """Trains and tests every (method, K); ``scale = (n_iters, chunk, seeds)`` overrides the size."""
+def run(
+    out: Path, *, quick: bool = False, log=print, scale: tuple | None = None, runs: list | None = None
+) -> None:
+    """Trains and tests every (method, K) of ``runs`` (default :data:`RUNS`); ``scale = (n_iters, chunk,
+    seeds)`` overrides the size."""
+    runs = RUNS if runs is None else runs
     n_iters, chunk, seeds = (1_000, 500, (0, 1)) if quick else (20_000, 2_000, (0, 1, 2, 3, 4))
     if scale is not None:
         n_iters, chunk, seeds = scale
     rows, arrays = [], {"seeds": np.asarray(seeds)}
     test_key = jax.random.PRNGKey(12345)  # held-out tasks: a key no training draw uses
-    for method, k in RUNS:
+    for method, k in runs:
         learner, state, loss_curve = train(method, k, seeds, n_iters, chunk, log)
         family = tasks.Sinusoid(k_support=k, k_query=k)
         test = family.sample(test_key, TEST_TASKS)
@@ -141,7 +145,7 @@ def run(out: Path, *, quick: bool = False, log=print, scale: tuple | None = None
     atomic_write(out / "results" / "adaptation.csv", frame.to_csv(index=False))
     atomic_write(out / "results" / "summary.csv", summary(frame).to_csv(index=False))
     figures(out)
-    write_json(out / "status.json", {"complete": True, "runs": [f"{m}/k{k}" for m, k in RUNS]})
+    write_json(out / "status.json", {"complete": True, "runs": [f"{m}/k{k}" for m, k in runs]})
 
 
 def summary(frame: pd.DataFrame) -> pd.DataFrame:

@@ -106,14 +106,33 @@ def fig_stability_plasticity(runs: Path) -> plt.Figure:
     return fig
 
 
-def fig_loss_of_plasticity(runs: Path) -> plt.Figure:
-    directory = finished_run(runs, "loss_of_plasticity")
-    spec = importlib.util.spec_from_file_location(
-        "loss_of_plasticity", HERE.parent / "experiments" / "loss_of_plasticity.py"
-    )
+def experiment_module(name: str):
+    """The experiment file ``experiments/<name>.py``, whose figure functions read stored results."""
+    spec = importlib.util.spec_from_file_location(name, HERE.parent / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.figure(directory / "results" / "online_regression.npz")
+    return module
+
+
+def fig_loss_of_plasticity(runs: Path) -> plt.Figure:
+    directory = finished_run(runs, "loss_of_plasticity")
+    return experiment_module("loss_of_plasticity").figure(directory / "results" / "online_regression.npz")
+
+
+def fig_maml_adaptation(runs: Path) -> plt.Figure:
+    directory = finished_run(runs, "maml_sinusoid")
+    return experiment_module("maml_sinusoid").adaptation_figure(directory / "results" / "adaptation.npz")
+
+
+def fig_maml_fits(runs: Path) -> plt.Figure:
+    directory = finished_run(runs, "maml_sinusoid")
+    return experiment_module("maml_sinusoid").fits_figure(directory / "results" / "adaptation.npz")
+
+
+def fig_maml_continual(runs: Path) -> plt.Figure:
+    directory = finished_run(runs, "maml_continual")
+    module = experiment_module("maml_continual")
+    return module.figure({name: load_result(directory / "results" / f"{name}.npz") for name in module.STARTS})
 
 
 FIGURES: dict[str, Callable[[Path], plt.Figure]] = {
@@ -123,6 +142,9 @@ FIGURES: dict[str, Callable[[Path], plt.Figure]] = {
     "01_split_mnist_task_vs_class": fig_split_scenarios,
     "02_stability_plasticity": fig_stability_plasticity,
     "03_loss_of_plasticity": fig_loss_of_plasticity,
+    "04_maml_adaptation": fig_maml_adaptation,
+    "04_maml_fits": fig_maml_fits,
+    "04_maml_continual": fig_maml_continual,
 }
 
 

@@ -3,6 +3,7 @@
 import importlib.util
 from pathlib import Path
 
+import jax
 import pytest
 
 from nestlearn import continual
@@ -38,6 +39,13 @@ def runs(tmp_path_factory):
     load(REPO / "experiments" / "loss_of_plasticity.py").run(
         runs / "loss_of_plasticity", log=quiet, scale=(200, (0, 1), 100)
     )
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam raises a float to its int32 step count
+        sinusoid = load(REPO / "experiments" / "maml_sinusoid.py")
+        k10 = [r for r in sinusoid.RUNS if r[1] == 10]
+        sinusoid.run(runs / "maml_sinusoid", log=quiet, scale=(4, 2, (0, 1)), runs=k10)
+        load(REPO / "experiments" / "maml_continual.py").run(
+            runs / "maml_continual", log=quiet, scale=(2, (0, 1))
+        )
     return runs
 
 
@@ -49,7 +57,7 @@ def test_every_figure_is_built_from_stored_results_without_training(runs, tmp_pa
     )
     monkeypatch.setattr(continual, "run_online_regression", lambda *a, **k: pytest.fail("must not train"))
     assert module.main(["--runs", str(runs), "--out", str(tmp_path / "figs")]) == 0
-    assert len(module.FIGURES) == 6
+    assert len(module.FIGURES) == 9
     for name in module.FIGURES:
         pdf = tmp_path / "figs" / f"{name}.pdf"
         assert pdf.read_bytes()[:5] == b"%PDF-", name
@@ -64,5 +72,6 @@ def test_a_missing_run_is_named_with_the_command_that_produces_it(runs, tmp_path
     err = capsys.readouterr().err
     assert "'split_mnist_task_forgetting'" in err and "nestlearn run split_mnist_task_forgetting" in err
     assert "nestlearn run loss_of_plasticity" in err and "nestlearn run stability_plasticity" in err
+    assert "nestlearn run maml_sinusoid" in err and "nestlearn run maml_continual" in err
     assert (tmp_path / "figs" / "01_permuted_forgetting_curves.pdf").exists()  # the others were still built
     assert not (tmp_path / "figs" / "01_split_mnist_task_vs_class.pdf").exists()
