@@ -1,5 +1,6 @@
 """Continual learning: the compiled engine and the strategies it runs."""
 
+from nestlearn.continual._cms import FastSlow, FastSlowState, nested_cms
 from nestlearn.continual._engine import (
     Learner,
     Recorder,
@@ -64,3 +65,4 @@ __all__ = [
     "steps_for_epochs",
     "sweep_runs",
 ]
+__all__ += ["FastSlow", "FastSlowState", "nested_cms"]
