@@ -1,0 +1,310 @@
+"""Levels: MAML, FOMAML, Reptile, Lookahead, N-level consolidation and the CMS rule as configurations of
+levels, each checked number for number against its direct implementation on the same data."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from nestlearn.levels import Level, Nested, Stream, Tasks
+from nestlearn.meta import MAML, Reptile, adapt
+from nestlearn.optim import LevelParams, consolidation, period_schedule
+from nestlearn.tasks import TaskBatch
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+H = 6  # hidden units of the tiny tanh network
+
+
+def jit(f):
+    return jax.jit(f, compiler_options=FAST_COMPILE)
+
+
+def apply(p, x):
+    """1-H-1 tanh network (biases as [1, H] rows: rank promotion raises in the tests)."""
+    return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+
+def loss_fn(p, x, y):
+    return jnp.mean((apply(p, x) - y) ** 2)
+
+
+def init_params(seed=0):
+    r = np.random.default_rng(seed)
+    return {
+        "w1": jnp.asarray(r.normal(size=(1, H)), jnp.float32),
+        "b1": jnp.asarray(r.normal(size=(1, H)) * 0.1, jnp.float32),
+        "w2": jnp.asarray(r.normal(size=(H, 1)) / np.sqrt(H), jnp.float32),
+        "b2": jnp.zeros((1, 1), jnp.float32),
+    }
+
+
+def sine_tasks(n_iters=3, n_tasks=3, k=5, seed=1):
+    """``[n_iters, n_tasks, k, 1]`` sinusoid tasks (amplitude, phase per task; support and query points)."""
+    r = np.random.default_rng(seed)
+    amp = r.uniform(0.5, 2.0, (n_iters, n_tasks, 1, 1))
+    phase = r.uniform(0, np.pi, (n_iters, n_tasks, 1, 1))
+    xs, xq = (r.uniform(-3, 3, (n_iters, n_tasks, k, 1)) for _ in range(2))
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    return TaskBatch(f32(xs), f32(amp * np.sin(xs + phase)), f32(xq), f32(amp * np.sin(xq + phase)))
+
+
+def stream(n, batch=4, seed=2):
+    """``n`` regression batches ``(x [n, batch, 1], y [n, batch, 1])`` from a fixed target net."""
+    r = np.random.default_rng(seed)
+    x = jnp.asarray(r.uniform(-2, 2, (n, batch, 1)), jnp.float32)
+    return x, jax.vmap(apply, in_axes=(None, 0))(init_params(seed=7), x)
+
+
+def close(a, b, rtol=2e-5, atol=2e-6):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------- MAML, first-order MAML, Reptile
+
+
+@pytest.mark.parametrize("mode", ["unroll", "first_order", "consolidate"])
+def test_maml_fomaml_reptile_equal_direct_meta_learners(mode):
+    """Two levels on tasks equal meta.MAML (second order, first order) / meta.Reptile + outer optimizer.
+
+    Level 0: all parameters, SGD(α), period 1, restarted from level 1 at every task (k = 2 steps);
+    level 1: period k, learns by ``mode``. Reference: the meta-learner's meta_grad fed to the same outer
+    optax optimizer, 3 meta-iterations of 3 tasks each, under one scan.
+    """
+    alpha, k = 0.1, 2
+    tasks = sine_tasks()
+    params = init_params()
+    if mode == "consolidate":  # Reptile: θ ← θ + ε (mean φ − θ) = outer SGD(ε) on the mean of θ − φ
+        eps = 0.3
+        learner = Reptile(loss_fn, optax.sgd(alpha), steps=k)
+        outer = optax.sgd(eps)
+        slow = Level("init", period=k, learns_by="consolidate", rate=eps)
+    else:
+        learner = MAML(loss_fn, optax.sgd(alpha), steps=k, first_order=mode == "first_order")
+        outer = optax.adam(0.05)
+        slow = Level("init", outer, period=k, learns_by=mode)
+    prog = Nested((Level("task", optax.sgd(alpha)), slow), loss_fn, Tasks())
+
+    def reference(theta, tasks):
+        def body(carry, batch):
+            theta, opt_state = carry
+            grads, metrics = learner.meta_grad(theta, batch)
+            updates, opt_state = outer.update(grads, opt_state, theta)
+            # Level 0's last update, per task: α ‖∇L(φ_{k−1}; support)‖ with φ_{k−1} from meta.adapt.
+            phi = jax.vmap(
+                lambda sx, sy: adapt(loss_fn, theta, sx, sy, inner_opt=optax.sgd(alpha), steps=k - 1)
+            )(batch.support_x, batch.support_y)
+            g = jax.vmap(jax.grad(loss_fn))(phi, batch.support_x, batch.support_y)
+            fast_norm = jnp.mean(alpha * jax.vmap(optax.tree.norm)(g))
+            out = (metrics["loss_post"], optax.tree.norm(updates), fast_norm)
+            return (optax.apply_updates(theta, updates), opt_state), out
+
+        return jax.lax.scan(body, (theta, outer.init(theta)), tasks)
+
+    with jax.numpy_dtype_promotion("standard"):  # optax.adam mixes weak and strong types
+        (theta_ref, _), (post_ref, norm_ref, fast_ref) = jit(reference)(params, tasks)
+        state, tele = jit(prog.run)(prog.init(params), tasks)
+
+    close(prog.params(state), theta_ref)
+    close(tele.outer_loss, post_ref)  # the query loss after adaptation (MAML's loss_post)
+    close(tele.update_norm[:, 1], norm_ref)  # ‖θ_{i+1} − θ_i‖
+    close(tele.update_norm[:, 0], fast_ref)
+    # Level 0 updates k times per task-episode, level 1 once: after meta-iteration i, (k(i+1), i+1).
+    np.testing.assert_array_equal(tele.num_updates, [[2, 1], [4, 2], [6, 3]])
+    # The fast level restarts from the new initialisation after every meta-update.
+    close(prog.fast_params(state), theta_ref)
+
+
+# ---------------------------------------------------------------- Lookahead and N-level consolidation
+
+
+@pytest.mark.parametrize("reset_state", [False, True])
+def test_lookahead_equals_optax_lookahead_vmapped_over_rates(reset_state):
+    """Fast SGD-momentum level + a slow level consolidating every 3 steps = optax.lookahead, per rate.
+
+    The consolidation rate is a pytree leaf of the level, so two rates run as one vmapped program; each
+    equals its own optax.lookahead trajectory (grads at the fast weights, 12 steps = 4 syncs).
+    """
+    inner = optax.sgd(0.05, momentum=0.9)
+    k, n = 3, 12
+    data = stream(n)
+    params = init_params()
+    rates = jnp.asarray([0.5, 0.8], jnp.float32)
+
+    def ours(rate):
+        prog = Nested(
+            (
+                Level("fast", inner),
+                Level("slow", period=k, learns_by="consolidate", rate=rate, reset_state=reset_state),
+            ),
+            loss_fn,
+            Stream(),
+        )
+        state, tele = prog.run(prog.init(params), data)
+        return prog.params(state), prog.fast_params(state), tele
+
+    def reference(rate):
+        la = optax.lookahead(inner, k, rate, reset_state=reset_state)
+
+        def body(carry, batch):
+            p, s = carry
+            loss, g = jax.value_and_grad(loss_fn)(p.fast, *batch)
+            u, s = la.update(g, s, p)
+            new = optax.apply_updates(p, u)
+            return (new, s), (loss, optax.tree.norm(jax.tree.map(jnp.subtract, new.slow, p.slow)))
+
+        p0 = optax.LookaheadParams.init_synced(params)
+        (p, _), (losses, slow_moves) = jax.lax.scan(body, (p0, la.init(p0)), data)
+        return p.slow, p.fast, losses, slow_moves
+
+    slow, fast, tele = jit(jax.vmap(ours))(rates)
+    with jax.numpy_dtype_promotion("standard"):  # optax.lookahead multiplies bool by float
+        slow_ref, fast_ref, losses, moves = jit(jax.vmap(reference))(rates)
+    close(slow, slow_ref)
+    close(fast, fast_ref)
+    # Telemetry: mean loss of each top step's 3 clock steps; the slow level's update is its move.
+    close(tele.loss, losses.reshape(2, n // k, k).mean(-1))
+    close(tele.update_norm[..., 1], moves[:, k - 1 :: k])
+    np.testing.assert_array_equal(tele.num_updates[0], [[3, 1], [6, 2], [9, 3], [12, 4]])
+    # The rates differ, so the two runs must differ (the vmapped leaf is really used).
+    assert not np.allclose(slow["w1"][0], slow["w1"][1])
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_three_levels_equal_n_level_consolidation(reset):
+    """Levels (1, 2, 4) consolidating at rates (0.5, 0.3) = optim.consolidation(sgd, [2, 4], [0.5, 0.3]),
+    with and without restarting the faster levels."""
+    inner = optax.sgd(0.1)
+    data = stream(8)
+    params = init_params()
+    prog = Nested(
+        (
+            Level("l0", inner),
+            Level("l1", period=2, learns_by="consolidate", rate=0.5, reset_faster=reset),
+            Level("l2", period=4, learns_by="consolidate", rate=0.3, reset_faster=reset),
+        ),
+        loss_fn,
+        Stream(),
+    )
+    tx = consolidation(inner, [2, 4], [0.5, 0.3], reset_faster=reset)
+
+    def reference():
+        def body(carry, batch):
+            p, s = carry
+            u, s = tx.update(jax.grad(loss_fn)(p.fastest, *batch), s, p)
+            return (optax.apply_updates(p, u), s), None
+
+        p0 = LevelParams.init_synced(params, 3)
+        return jax.lax.scan(body, (p0, tx.init(p0)), data)[0][0]
+
+    state, tele = jit(prog.run)(prog.init(params), data)
+    ref = jit(reference)()
+    for level in range(3):
+        close(prog.params(state, level), ref.levels[level])
+    np.testing.assert_array_equal(tele.num_updates, [[4, 2, 1], [8, 4, 2]])
+    if not reset:  # without restarts the three copies drift apart
+        assert not np.allclose(ref.levels[0]["w1"], ref.levels[2]["w1"])
+
+
+# ---------------------------------------------------------------- the CMS rule
+
+
+def test_cms_levels_equal_period_schedule():
+    """Gradient levels over disjoint groups, periods (1, 2, 4), each applying the SUM of its period's
+    gradients with its own optimizer = optim.period_schedule on the same 16-batch stream."""
+    data = stream(16)
+    params = init_params()
+    groups = {"w2": "fast", "b2": "fast", "w1": "mid", "b1": "slow"}
+    txs = {"fast": optax.sgd(0.1), "mid": optax.sgd(0.05, momentum=0.9), "slow": optax.adam(0.02)}
+    periods = {"fast": 1, "mid": 2, "slow": 4}
+    levels = tuple(
+        Level(name, txs[name], period=periods[name], owns=lambda path, name=name: groups[path[0]] == name)
+        for name in ("fast", "mid", "slow")
+    )
+    prog = Nested(levels, loss_fn, Stream())
+    tx = period_schedule(txs, periods, {k: v for k, v in groups.items()})
+
+    def reference():
+        def body(carry, batch):
+            p, s = carry
+            u, s = tx.update(jax.grad(loss_fn)(p, *batch), s, p)
+            norms = [optax.tree.norm([u[key] for key in sorted(groups) if groups[key] == g]) for g in periods]
+            return (optax.apply_updates(p, u), s), jnp.stack(norms)
+
+        return jax.lax.scan(body, (params, tx.init(params)), data)
+
+    with jax.numpy_dtype_promotion("standard"):
+        state, tele = jit(prog.run)(prog.init(params), data)
+        (p_ref, _), norms = jit(reference)()
+    close(prog.params(state), p_ref)
+    close(prog.fast_params(state), p_ref)  # one owner per parameter: fast and slow views agree
+    # At the last clock step of every top step (t = 4i + 3) all three groups update: same norms.
+    close(tele.update_norm, norms[3::4])
+    assert np.all(np.asarray(norms[3::4]) > 0)
+    np.testing.assert_array_equal(tele.num_updates, [[4, 2, 1], [8, 4, 2], [12, 6, 3], [16, 8, 4]])
+    # Off-period steps leave a group alone: the slow group's reference norm is zero at t = 0, 1, 2.
+    np.testing.assert_array_equal(np.asarray(norms[:3, 2]), 0.0)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def test_level_validation_errors_name_the_level_and_field():
+    sgd = optax.sgd(0.1)
+    with pytest.raises(ValueError, match=r"level 'slow': learns_by must be one of .*'backprop'"):
+        Level("slow", sgd, learns_by="backprop")
+    with pytest.raises(ValueError, match=r"level 'slow': period must be an int >= 1, got 0"):
+        Level("slow", sgd, period=0)
+    with pytest.raises(ValueError, match=r"level 'slow': period must be an int >= 1, got -2"):
+        Level("slow", sgd, period=-2)
+    with pytest.raises(ValueError, match=r"level 'slow': learns_by='unroll' needs an optimizer"):
+        Level("slow", learns_by="unroll")
+    with pytest.raises(ValueError, match=r"level 'slow': learns_by='consolidate' takes exactly one"):
+        Level("slow", sgd, learns_by="consolidate", rate=0.5)
+    with pytest.raises(ValueError, match=r"level 'fast': rate is the interpolation rate"):
+        Level("fast", sgd, rate=0.5)
+    fast = Level("fast", sgd)
+    params = init_params()
+    with pytest.raises(ValueError, match=r"level 'slow': learns_by='consolidate' needs a rate"):
+        Nested((fast, Level("slow", period=2, learns_by="consolidate")), loss_fn).init(params)
+    with pytest.raises(ValueError, match=r"level 'slow': period 3 must be a multiple of the period 2"):
+        Nested((Level("fast", sgd, period=2), Level("slow", sgd, period=3, owns=lambda p: False)), loss_fn)
+    with pytest.raises(ValueError, match=r"level 'init': learns_by='unroll' needs an outer .*Tasks"):
+        Nested((fast, Level("init", sgd, period=2, learns_by="unroll")), loss_fn, Stream())
+    with pytest.raises(ValueError, match=r"level 'fast': the fastest level .* got 'consolidate'"):
+        Nested((Level("fast", learns_by="consolidate", rate=0.5),), loss_fn)
+    with pytest.raises(ValueError, match=r"level names must be unique"):
+        Nested((fast, Level("fast", sgd, period=2)), loss_fn)
+    # Ownership, checked against the parameters' paths.
+    with pytest.raises(ValueError, match=r"level 'slow': learns_by='gradient' but owns .*'fast' also owns"):
+        Nested((fast, Level("slow", sgd, period=2)), loss_fn).init(params)
+    head = lambda path: path[0] in ("w2", "b2")  # noqa: E731
+    with pytest.raises(ValueError, match=r"parameters owned by no level: \[\('b1',\), \('w1',\)\]"):
+        Nested((Level("fast", sgd, owns=head),), loss_fn).init(params)
+    with pytest.raises(
+        ValueError, match=r"level 'slow': learns_by='consolidate' .* no faster level owns \[\('b1',\)"
+    ):
+        Nested(
+            (
+                Level("fast", sgd, owns=lambda p: p[0] != "b1"),
+                Level("slow", period=2, learns_by="consolidate", rate=0.5),
+            ),
+            loss_fn,
+        ).init(params)
+    with pytest.raises(
+        ValueError, match=r"level 'slow': learns_by='first_order' learns from the level below, but"
+    ):
+        Nested(
+            (
+                Level("fast", sgd, owns=head),
+                Level("slow", sgd, period=2, learns_by="first_order", owns=lambda p: not head(p)),
+            ),
+            loss_fn,
+            Tasks(),
+        ).init(params)
+    with pytest.raises(ValueError, match=r"level 'slow': owns selects no parameter"):
+        Nested((fast, Level("slow", sgd, period=2, owns=lambda p: False)), loss_fn).init(params)
+    prog = Nested((fast, Level("slow", period=4, learns_by="consolidate", rate=0.5)), loss_fn)
+    with pytest.raises(ValueError, match=r"data has 6 clock steps, not a multiple of the slowest period 4"):
+        prog.run(prog.init(params), stream(6))
