@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from nestlearn.levels import Level, Nested, Stream, Tasks
-from nestlearn.meta import MAML, Reptile, adapt
+from nestlearn.meta import ANIL, MAML, Reptile, adapt
 from nestlearn.optim import LevelParams, consolidation, period_schedule
 from nestlearn.tasks import TaskBatch
 
@@ -64,18 +64,30 @@ def close(a, b, rtol=2e-5, atol=2e-6):
 # ---------------------------------------------------------------- MAML, first-order MAML, Reptile
 
 
-@pytest.mark.parametrize("mode", ["unroll", "first_order", "consolidate"])
-def test_maml_fomaml_reptile_equal_direct_meta_learners(mode):
-    """Two levels on tasks equal meta.MAML (second order, first order) / meta.Reptile + outer optimizer.
+def head(path):
+    return path[0] in ("w2", "b2")
 
-    Level 0: all parameters, SGD(α), period 1, restarted from level 1 at every task (k = 2 steps);
-    level 1: period k, learns by ``mode``. Reference: the meta-learner's meta_grad fed to the same outer
-    optax optimizer, 3 meta-iterations of 3 tasks each, under one scan.
+
+@pytest.mark.parametrize("mode", ["unroll", "first_order", "consolidate", "anil"])
+def test_maml_fomaml_reptile_anil_equal_direct_meta_learners(mode):
+    """Two levels on tasks equal meta.MAML (second order, first order) / Reptile / ANIL + outer optimizer.
+
+    Level 0: all parameters (ANIL: the head only), SGD(α), period 1, restarted from level 1 at every task
+    (k = 2 steps); level 1: all parameters, period k, learns by ``mode`` (ANIL: "unroll", the body gets
+    its gradient through the head's unroll). Reference: the meta-learner's meta_grad fed to the same
+    outer optax optimizer, 3 meta-iterations of 3 tasks each, under one scan. (Second- and first-order
+    MAML's results differ by ~0.1 here, far above the tolerance, so the modes are told apart.)
     """
     alpha, k = 0.1, 2
     tasks = sine_tasks()
     params = init_params()
-    if mode == "consolidate":  # Reptile: θ ← θ + ε (mean φ − θ) = outer SGD(ε) on the mean of θ − φ
+    fast = Level("task", optax.sgd(alpha))
+    if mode == "anil":
+        learner = ANIL(loss_fn, optax.sgd(alpha), steps=k, head=head)
+        outer = optax.sgd(0.2)
+        fast = Level("task", optax.sgd(alpha), owns=head)
+        slow = Level("init", outer, period=k, learns_by="unroll")
+    elif mode == "consolidate":  # Reptile: θ ← θ + ε (mean φ − θ) = outer SGD(ε) on the mean of θ − φ
         eps = 0.3
         learner = Reptile(loss_fn, optax.sgd(alpha), steps=k)
         outer = optax.sgd(eps)
@@ -84,7 +96,7 @@ def test_maml_fomaml_reptile_equal_direct_meta_learners(mode):
         learner = MAML(loss_fn, optax.sgd(alpha), steps=k, first_order=mode == "first_order")
         outer = optax.adam(0.05)
         slow = Level("init", outer, period=k, learns_by=mode)
-    prog = Nested((Level("task", optax.sgd(alpha)), slow), loss_fn, Tasks())
+    prog = Nested((fast, slow), loss_fn, Tasks())
 
     def reference(theta, tasks):
         def body(carry, batch):
@@ -109,7 +121,8 @@ def test_maml_fomaml_reptile_equal_direct_meta_learners(mode):
     close(prog.params(state), theta_ref)
     close(tele.outer_loss, post_ref)  # the query loss after adaptation (MAML's loss_post)
     close(tele.update_norm[:, 1], norm_ref)  # ‖θ_{i+1} − θ_i‖
-    close(tele.update_norm[:, 0], fast_ref)
+    if mode != "anil":  # (the reference's fast update moves every parameter, ANIL's the head only)
+        close(tele.update_norm[:, 0], fast_ref)
     # Level 0 updates k times per task-episode, level 1 once: after meta-iteration i, (k(i+1), i+1).
     np.testing.assert_array_equal(tele.num_updates, [[2, 1], [4, 2], [6, 3]])
     # The fast level restarts from the new initialisation after every meta-update.
@@ -308,3 +321,35 @@ def test_level_validation_errors_name_the_level_and_field():
     prog = Nested((fast, Level("slow", period=4, learns_by="consolidate", rate=0.5)), loss_fn)
     with pytest.raises(ValueError, match=r"data has 6 clock steps, not a multiple of the slowest period 4"):
         prog.run(prog.init(params), stream(6))
+
+
+def test_hand_derived_lookahead_and_rate_is_traced_without_recompiling():
+    """Scalar loss (p − 1)², fast SGD(0.25), slow consolidates every 2 steps at rate α.
+
+    Fast step: p ← p − 0.25 · 2 (p − 1) = p + (1 − p)/2. From 0: fast 0 → .5 → .75, slow → α · .75;
+    fast restarts there. α = .5: slow .375, fast .375 → .6875 → .84375, slow .375 + .5 (.84375 − .375)
+    = .609375. α = .7: slow .525, fast → .7625 → .88125, slow .525 + .7 (.88125 − .525) = .774375.
+    The rate is a pytree leaf, so a new rate reuses the compiled program.
+    """
+    loss = lambda p, x, y: jnp.mean((x * p - y) ** 2)  # noqa: E731
+    sgd = optax.sgd(0.25)
+
+    def prog(rate):
+        return Nested((Level("fast", sgd), Level("slow", period=2, learns_by="consolidate", rate=rate)), loss)
+
+    traces = []
+
+    @jit
+    def run(program, state, data):
+        traces.append(1)
+        return program.run(state, data)
+
+    data = (jnp.ones(4), jnp.ones(4))
+    state = prog(0.5).init(jnp.zeros(()))
+    for rate, slow_ref in ((0.5, 0.609375), (0.7, 0.774375)):
+        out, tele = run(prog(jnp.float32(rate)), state, data)
+        np.testing.assert_allclose(float(prog(rate).params(out)), slow_ref, rtol=1e-6)
+        np.testing.assert_allclose(
+            tele.update_norm[:, 1], [rate * 0.75, abs(slow_ref - rate * 0.75)], rtol=1e-6
+        )
+    assert len(traces) == 1
