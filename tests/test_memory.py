@@ -129,13 +129,20 @@ def test_reservoir_ignores_examples_not_offered():
 
 
 def offer_one_at_a_time(buf, x, y, t, key, valid):
-    """Algorithm R written out: example i, if valid, is offer number ``seen`` and draws its slot from key i."""
+    """Algorithm R written out: valid example i is offer number ``n_i`` and draws ``j_i ~ U{0..n_i}``.
+
+    The draws are element ``i`` of ``randint(key, (b,), 0, n + 1)`` (the documented key use), then the
+    examples are written one after another, so a later example overwrites an earlier one's slot.
+    """
     bx, by, bt, seen = np.array(buf.x), np.array(buf.y), np.array(buf.task), int(buf.seen)
-    keys = jax.random.split(key, len(y))
+    offers = seen + np.cumsum(valid) - valid
+    draws = np.asarray(
+        jax.random.randint(key, (len(y),), 0, jnp.asarray(offers + 1, jnp.int32), dtype=jnp.int32)
+    )
     for i in range(len(y)):
         if not valid[i]:
             continue
-        j = seen if seen < len(by) else int(jax.random.randint(keys[i], (), 0, seen + 1, dtype=jnp.int32))
+        j = seen if seen < len(by) else int(draws[i])
         if j < len(by):
             bx[j], by[j], bt[j] = x[i], y[i], t[i]
         seen += 1

@@ -84,7 +84,7 @@ def reservoir_add(
     Args:
       buffer: the buffer.
       x, y, task: the batch (``x`` ``[b, d]``, ``y`` and ``task`` ``[b]``).
-      key: a PRNG key (split into one key per example).
+      key: a PRNG key (one draw per example, element ``i`` of ``randint(key, (b,), 0, n + 1)``).
       logits: ``[b, c]`` outputs to store with the examples; required iff the buffer has logits.
       valid: which examples are offered (``None``: all); the others are neither stored nor counted.
 
@@ -99,15 +99,13 @@ def reservoir_add(
     valid = jnp.ones((b,), bool) if valid is None else valid
     k = buffer.capacity
     # Vectorised Algorithm R, equal to offering the examples one after another: example i of the batch is
-    # offer number n_i = seen + (valid examples before it); it draws j_i ~ U{0, ..., n_i} from its own key
-    # and goes to slot n_i if n_i < K, else to slot j_i if j_i < K. When two examples of the batch land in
+    # offer number n_i = seen + (valid examples before it); it draws j_i ~ U{0, ..., n_i} (element i of
+    # one randint call with per-element bounds) and goes to slot n_i if n_i < K, else to slot j_i if j_i < K. When two examples of the batch land in
     # the same slot the later one overwrites the earlier, so an example is written only if no later valid
     # example of the batch targets its slot; the surviving slots are distinct and one scatter writes them.
     count = valid.astype(jnp.int32)
     offer = buffer.seen + jnp.cumsum(count) - count
-    drawn = jax.vmap(lambda key_i, n: jax.random.randint(key_i, (), 0, n + 1, dtype=jnp.int32))(
-        jax.random.split(key, b), offer
-    )
+    drawn = jax.random.randint(key, (b,), 0, offer + 1, dtype=jnp.int32)  # element i: U{0, ..., n_i}
     slot = jnp.where(offer < k, offer, drawn)
     lands = valid & (slot < k)
     later = jnp.arange(b)[None, :] > jnp.arange(b)[:, None]
