@@ -1,0 +1,179 @@
+"""The Nested Learning paper's toy: continual linear regression on orthogonal tasks. Does momentum forget,
+does delta momentum or a multi-timescale optimizer forget less? Issue 5's first measured comparison.
+
+Command:  nestlearn run orthogonal_regression        (--quick: 2 seeds, 100 steps per task)
+Runtime:  about 1 minute on 2 CPU cores; --quick about 30 seconds (mostly compilation).
+Produces: results/loss_matrix.csv (loss on task j after training task i, per optimizer and seed),
+          results/summary.csv (per optimizer and seed: final average loss, average forgetting, loss on
+          each task right after learning it), results/curves.npz (test loss on every task at every
+          step, [optimizer][seed, step, task]), figures/orthogonal_regression.{pdf,png}, status.json.
+Setup:    d = 32 inputs, K = 4 tasks, m = 4 outputs. Per seed, a random orthonormal basis is split into
+          4 blocks U_k of 8 columns; task k draws z ~ N(0, I_8), x = U_k z + 0.05 * eps (eps ~ N(0, I_32),
+          isotropic noise that reaches every subspace) and y = T_k z with T_k ~ N(0, 1/8). The learner is
+          a linear map written as two matrices, y_hat = (A + B) x (A the fast part, B the slow part;
+          both start at 0), trained on 0.5 ||y_hat - y||^2 with batch 16, 300 steps per task, seeds 0-4.
+          Test sets: 256 examples per task from the same distribution. Forgetting of task j is its test
+          loss after the last task minus its test loss right after training it (mean over j < K).
+          Optimizers (all at learning rate 0.05 unless said):
+            sgd_momentum       optax.sgd(0.05, momentum=0.9) on A and B
+            delta_momentum     optim.delta_momentum(0.05, decay=0.9)
+            period_schedule    optim.period_schedule: A with SGD-momentum every step, B every 10 steps
+                               with the sum of its 10 gradients (the CMS rule)
+            consolidation      optim.consolidation(sgd-momentum, [10], [0.5]): two levels, the slow copy
+                               evaluated (lookahead)
+            m3                 optim.m3(0.01, slow_period=10)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pandas as pd
+
+from nestlearn import optim
+from nestlearn.experiment._rundir import atomic_write, write_json
+
+D, K, M, R = 32, 4, 4, 8
+NOISE, BATCH, N_TEST = 0.05, 16, 256
+
+
+def optimizers() -> dict:
+    sgdm = optax.sgd(0.05, momentum=0.9)
+    return {
+        "sgd_momentum": sgdm,
+        "delta_momentum": optim.delta_momentum(0.05, 0.9),
+        "period_schedule": optim.period_schedule(
+            {"fast": optax.sgd(0.05, momentum=0.9), "slow": optax.sgd(0.05, momentum=0.9)},
+            {"fast": 1, "slow": 10},
+            lambda p: {"A": "fast", "B": "slow"},
+        ),
+        "consolidation": optim.consolidation(sgdm, [10], [0.5]),
+        "m3": optim.m3(0.01, slow_period=10),
+    }
+
+
+def problem(key):
+    """Orthogonal input blocks U [K, D, R], target maps T [K, M, R], and test sets per task."""
+    k_q, k_t, k_test = jax.random.split(key, 3)
+    q, _ = jnp.linalg.qr(jax.random.normal(k_q, (D, D)))
+    u = q.T.reshape(K, R, D).transpose(0, 2, 1)
+    t = jax.random.normal(k_t, (K, M, R)) / jnp.sqrt(jnp.float32(R))
+    xs, ys = jax.vmap(lambda k, uk, tk: sample(k, uk, tk, N_TEST))(jax.random.split(k_test, K), u, t)
+    return u, t, xs, ys
+
+
+def sample(key, u_k, t_k, n):
+    k_z, k_e = jax.random.split(key)
+    z = jax.random.normal(k_z, (n, R))
+    x = z @ u_k.T + NOISE * jax.random.normal(k_e, (n, D))
+    return x, z @ t_k.T
+
+
+def loss(w, x, y):
+    return 0.5 * jnp.mean(jnp.sum(jnp.square(x @ w.T - y), -1))
+
+
+def make_run(tx, steps: int, levels: bool):
+    """One seed: train on the K tasks in turn; returns the test loss on every task after every step."""
+
+    def weights(params):
+        p = params.slowest if levels else params
+        return p["A"] + p["B"]
+
+    def run_one(key):
+        u, t, xs, ys = problem(key)
+        zero = {"A": jnp.zeros((M, D)), "B": jnp.zeros((M, D))}
+        params = optim.LevelParams.init_synced(zero, 2) if levels else zero
+        state = tx.init(params)
+
+        def step(carry, s):
+            params, state = carry
+            task = s // steps
+            x, y = sample(jax.random.fold_in(key, s), u[task], t[task], BATCH)
+            at = params.fastest if levels else params
+            grads = jax.grad(lambda p: loss(p["A"] + p["B"], x, y))(at)
+            updates, state = tx.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+            w = weights(params)
+            return (params, state), jax.vmap(lambda xt, yt: loss(w, xt, yt))(xs, ys)
+
+        _, curve = jax.lax.scan(step, (params, state), jnp.arange(K * steps))
+        return curve
+
+    return jax.jit(jax.vmap(run_one))
+
+
+def run(out: Path, *, quick: bool = False, log=print, scale: tuple | None = None) -> None:
+    """Runs every optimizer over the seeds; ``scale = (steps_per_task, seeds)`` overrides."""
+    steps, seeds = (100, (0, 1)) if quick else (300, (0, 1, 2, 3, 4))
+    if scale is not None:
+        steps, seeds = scale
+    keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds, jnp.uint32))
+    curves, matrix_rows, summary_rows = {}, [], []
+    for name, tx in optimizers().items():
+        curve = np.asarray(make_run(tx, steps, levels=name == "consolidation")(keys))  # [S, K*steps, K]
+        curves[name] = curve
+        ends = curve[:, steps - 1 :: steps]  # [S, K (trained), K (evaluated)]
+        for s, seed in enumerate(seeds):
+            for i in range(K):
+                for j in range(K):
+                    matrix_rows.append({"optimizer": name, "seed": seed, "trained_task": i, "eval_task": j,
+                                        "loss": float(ends[s, i, j])})  # fmt: skip
+            just = np.diag(ends[s])
+            summary_rows.append({"optimizer": name, "seed": seed, "diverged": bool(~np.isfinite(curve[s]).all()),
+                                 "final_loss": float(ends[s, -1].mean()),
+                                 "forgetting": float((ends[s, -1, :-1] - just[:-1]).mean()),
+                                 "loss_just_trained": float(just.mean())})  # fmt: skip
+        f = np.array([r["forgetting"] for r in summary_rows if r["optimizer"] == name])
+        log(f"[{name}] forgetting {f.mean():.4f} ± {f.std(ddof=1) / np.sqrt(len(f)) if len(f) > 1 else 0:.4f}, "
+            f"final loss {np.mean([r['final_loss'] for r in summary_rows if r['optimizer'] == name]):.4f}")  # fmt: skip
+    atomic_write(out / "results" / "loss_matrix.csv", pd.DataFrame(matrix_rows).to_csv(index=False))
+    atomic_write(out / "results" / "summary.csv", pd.DataFrame(summary_rows).to_csv(index=False))
+    atomic_write(
+        out / "results" / "curves.npz", lambda fh: np.savez(fh, steps_per_task=steps, **curves), mode="wb"
+    )
+    figures(out)
+    write_json(out / "status.json", {"complete": True, "optimizers": list(curves), "seeds": list(seeds),
+                                     "steps_per_task": steps})  # fmt: skip
+
+
+def figures(out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from nestlearn import plot
+
+    with np.load(out / "results" / "curves.npz") as z:
+        steps = int(z["steps_per_task"])
+        curves = {k: z[k] for k in z.files if k != "steps_per_task"}
+    summary = pd.read_csv(out / "results" / "summary.csv")
+    with plot.style():
+        fig, (left, right) = plt.subplots(1, 2, figsize=(plot.DOUBLE_COLUMN, 2.4))
+        for i, (name, c) in enumerate(curves.items()):
+            v = c[:, :, 0]  # task 1's test loss over the whole stream
+            mean = v.mean(0)
+            sem = v.std(0, ddof=1) / np.sqrt(len(v)) if len(v) > 1 else np.zeros_like(mean)
+            x = np.arange(1, len(mean) + 1)
+            left.plot(x, mean, color=f"C{i}", label=name.replace("_", " "), lw=0.8)
+            left.fill_between(x, mean - sem, mean + sem, color=f"C{i}", alpha=0.25, lw=0)
+        for b in range(1, K):
+            left.axvline(b * steps, color="0.6", ls="--", lw=0.5)
+        left.set_yscale("log")
+        left.set_xlabel("step")
+        left.set_ylabel("test loss on task 1")
+        left.legend(fontsize=6, frameon=False)
+        g = summary[~summary["diverged"]].groupby("optimizer", sort=False)["forgetting"]
+        mean, sem = g.mean(), g.sem()
+        right.bar(
+            range(len(mean)),
+            mean.values,
+            yerr=sem.fillna(0).values,
+            color=[f"C{i}" for i in range(len(mean))],
+        )
+        right.set_xticks(range(len(mean)), [n.replace("_", "\n") for n in mean.index], fontsize=6)
+        right.set_ylabel("forgetting (loss increase)")
+        plot.save_figure(fig, out / "figures" / "orthogonal_regression")
+        plt.close(fig)
