@@ -9,7 +9,7 @@ Produces: results/<stream>/<method>.npz (one StreamResult per method, sweeps as 
           nestlearn.experiment.load_result), results/summary.csv (every metrics.summary value per
           stream, method, swept value and seed), results/tradeoff.csv (plasticity and stability, mean and
           s.e.m., per stream, method and swept value), results/telemetry.csv (per stream, CMS period
-          choice, seed and task: each level's update count, update norm over the task, and the cosine
+          choice, seed and task: each level's cumulative update count, update norm over the task, and the cosine
           between blocks' weights), figures/cms_<stream>.{pdf,png} (average accuracy and the forgetting
           curve of task 1 per method), figures/cms_tradeoff.{pdf,png}, status.json.
 Setup:    model nn.CMSMLP(784, 128, dout, levels=3, hidden=128), sequential residual blocks, for every
@@ -205,7 +205,7 @@ def figures(out: Path, scale: Scale) -> None:
         fig, axes = plt.subplots(1, len(STREAMS), figsize=(plot.DOUBLE_COLUMN, 2.8))
         for ax, stream in zip(axes, STREAMS):
             plot.stability_plasticity(points[points["stream"] == stream].drop(columns="stream"), ax=ax,
-                                      references=("ewc", "replay"), legend=ax is axes[0])  # fmt: skip
+                                      references=(), legend=ax is axes[0])  # fmt: skip
             ax.set_title(stream, fontsize=7)
         plot.save_figure(fig, out / "figures" / "cms_tradeoff")
         plt.close(fig)
