@@ -236,7 +236,7 @@ with plot.style():
             mean_band(ax, x, v, LABELS[name], COLORS[name])
         worst = np.max(smooth(c["loss_post"])[1])
         print(f"{LABELS[name]}: largest windowed query MSE after adaptation {worst:.3g}")
-    axes[1].axhline(mean_level, color="0.5", ls="--", lw=0.8, label="predict the family mean")
+    level = axes[1].axhline(mean_level, color="0.5", ls="--", lw=0.8, label="predict the family mean")
     axes[0].set_title("query MSE after the learner's own inner loop", fontsize=8)
     axes[1].set_title("query MSE of the start itself (no adaptation)", fontsize=8)
     axes[0].set_yscale("log")
@@ -246,7 +246,7 @@ with plot.style():
         ax.set_xlabel("meta-iteration")
     axes[0].set_ylabel("query MSE (meta-batch)")
     axes[0].legend(fontsize="small")
-    axes[1].legend(fontsize="small", loc="lower right")
+    axes[1].legend(handles=[level], fontsize="small", loc="lower right")
     plt.show()
 
 # %% [markdown]
