@@ -165,6 +165,197 @@ def test_consolidation_bad_input():
         tx.update(jnp.zeros(2), tx.init(jnp.zeros(2)), jnp.zeros(2))
 
 
+# -- consolidation_in_state: the slow levels in the optimizer state -----------------------------------
+
+
+def _in_state_vs_consolidation(num_levels, reset, reset_state, steps=14):
+    """Both transforms on the same problem; yields (LevelParams, fast params, SlowLevelsState) per step."""
+    key = jax.random.PRNGKey(1)
+    p0 = {"w": jax.random.normal(key, (3, 4)), "b": jnp.ones(4)}
+    loss = lambda p: jnp.sum(jnp.sin(3 * p["w"]) ** 2) + jnp.sum((p["b"] - 0.3) ** 2)
+    periods, rates = ([3], [0.3]) if num_levels == 2 else ([2, 6], [0.5, 0.3])
+    inner = optax.sgd(0.1, momentum=0.9)
+    kw = dict(reset_faster=reset, reset_state=reset_state)
+    co = optim.consolidation(inner, periods, rates, **kw)
+    st = optim.consolidation_in_state(inner, periods, rates, **kw)
+    cp, fp = optim.LevelParams.init_synced(p0, num_levels), p0
+    cs, ss = co.init(cp), st.init(fp)
+    co_up, st_up = jax.jit(co.update), jax.jit(st.update)
+    for _ in range(steps):
+        u, cs = co_up(jax.grad(loss)(cp.fastest), cs, cp)
+        cp = optax.apply_updates(cp, u)
+        u, ss = st_up(jax.grad(loss)(fp), ss, fp)
+        fp = optax.apply_updates(fp, u)
+        yield cp, fp, ss
+
+
+@pytest.mark.parametrize("num_levels", [2, 3])
+@pytest.mark.parametrize("reset", [True, False])
+@pytest.mark.parametrize("reset_state", [False, True])
+def test_in_state_is_consolidation(num_levels, reset, reset_state):
+    # Another implementation: the LevelParams version, every level at every step (14 steps cover syncs of
+    # both slow levels, 2 of level 2 with periods [2, 6]). The reset lands on the slow level's value
+    # rather than on lookahead's merged update, so the two agree to rounding, not to the bit.
+    moved = False
+    for cp, fp, ss in _in_state_vs_consolidation(num_levels, reset, reset_state):
+        assert len(ss.slow) == num_levels - 1
+        for want, got in zip(cp.levels, (fp,) + ss.slow):
+            for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+                np.testing.assert_allclose(b, a, rtol=2e-6, atol=2e-6)
+        moved = moved or not np.allclose(ss.slowest["w"], cp.levels[0]["w"])
+        np.testing.assert_array_equal(optim.consolidated_params(ss)["b"], ss.slow[-1]["b"])
+    # The slow levels really lag the fast one somewhere (the comparison is not between copies).
+    assert moved
+
+
+@pytest.mark.parametrize("reset_state", [False, True])
+def test_in_state_two_levels_is_lookahead(reset_state):
+    # Another library: optax.lookahead(sgd momentum, 3, 0.5), fast params against ours, slow against the state.
+    key = jax.random.PRNGKey(2)
+    p0 = {"w": jax.random.normal(key, (3, 4)), "b": jnp.ones(4)}
+    loss = lambda p: jnp.sum(jnp.sin(3 * p["w"]) ** 2) + jnp.sum((p["b"] - 0.3) ** 2)
+    inner = optax.sgd(0.1, momentum=0.9)
+    la = optax.lookahead(inner, 3, 0.5, reset_state=reset_state)
+    st = optim.consolidation_in_state(inner, [3], [0.5], reset_state=reset_state)
+    lp, fp = optax.LookaheadParams.init_synced(p0), p0
+    ls, ss = la.init(lp), st.init(fp)
+    for _ in range(10):
+        with jax.numpy_dtype_promotion("standard"):  # optax.lookahead multiplies a float by a bool array
+            u, ls = la.update(jax.grad(loss)(lp.fast), ls, lp)
+        lp = optax.apply_updates(lp, u)
+        u, ss = st.update(jax.grad(loss)(fp), ss, fp)
+        fp = optax.apply_updates(fp, u)
+        for a, b in zip(jax.tree.leaves((lp.fast, lp.slow)), jax.tree.leaves((fp, ss.slow[0]))):
+            np.testing.assert_allclose(b, a, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_in_state_three_levels_hand_trajectory(reset):
+    # The table of test_three_levels_hand_trajectory (sgd(1), gradient 1, periods [2, 4], rates [0.5, 0.5]),
+    # read as (params, slow[0], slow[1]). With reset the fast update on a sync is θ_{k+1} - θ0:
+    #   t=1: θ̃0 = -2, θ1 = -1, u = -1 - (-1) = 0 -> θ0 = -1;  t=3: θ̃0 = -3, θ1 = -2, θ2 = -1, θ1 <- -1,
+    #   u = -1 - (-2) = 1 -> θ0 = -1. All values are exact in float32.
+    want = (
+        [(-1, 0, 0), (-1, -1, 0), (-2, -1, 0), (-1, -1, -1)]
+        if reset
+        else [(-1, 0, 0), (-2, -1, 0), (-3, -1, 0), (-4, -2.5, -1.25)]
+    )
+    tx = optim.consolidation_in_state(optax.sgd(1.0), [2, 4], [0.5, 0.5], reset_faster=reset)
+    p = jnp.zeros(())
+    s = tx.init(p)
+    for w in want:
+        u, s = jax.jit(tx.update)(jnp.ones(()), s, p)
+        p = optax.apply_updates(p, u)
+        assert (float(p), float(s.slow[0]), float(s.slow[1])) == w
+    assert int(s.count) == 4
+    assert float(optim.consolidated_params(s, level=1)) == want[-1][1]
+    assert float(optim.consolidated_params(s)) == want[-1][2]
+
+
+def test_in_state_traced_periods_and_rates_one_compilation():
+    # Periods and rates as arguments of one jitted, vmapped run: each row equals the run with concrete
+    # values (another implementation: consolidation with those values), and a new value reuses the program.
+    def run(periods, rates, n=9):
+        tx = optim.consolidation_in_state(optax.sgd(0.5), periods, rates)
+        p = jnp.zeros(2)
+        s = tx.init(p)
+
+        def step(carry, _):
+            p, s = carry
+            u, s = tx.update(p - jnp.asarray([1.0, -2.0]), s, p)  # gradient of ½‖p - (1, -2)‖²
+            return (optax.apply_updates(p, u), s), None
+
+        (p, s), _ = jax.lax.scan(step, (p, s), None, length=n)
+        return p, s.slow
+
+    periods = jnp.asarray([[2, 4], [3, 6]], jnp.int32)
+    rates = jnp.asarray([[0.5, 0.5], [0.3, 0.8]], jnp.float32)
+    batched = jax.jit(jax.vmap(run))(periods, rates)
+    one = jax.jit(run)
+    for i in range(2):
+        single = one(periods[i], rates[i])
+        tx = optim.consolidation(optax.sgd(0.5), [int(x) for x in periods[i]], [float(x) for x in rates[i]])
+        lp = optim.LevelParams.init_synced(jnp.zeros(2), 3)
+        ls = tx.init(lp)
+        for _ in range(9):
+            u, ls = tx.update(lp.fastest - jnp.asarray([1.0, -2.0]), ls, lp)
+            lp = optax.apply_updates(lp, u)
+        for a, b, c in zip(jax.tree.leaves(batched), jax.tree.leaves(single), jax.tree.leaves(lp.levels)):
+            np.testing.assert_allclose(a[i], b, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(b, c, rtol=1e-6, atol=1e-6)
+    assert one._cache_size() == 1
+    assert not np.allclose(batched[0][0], batched[0][1])  # the two rows really differ
+
+
+def test_consolidated_params_finds_the_state_inside_wrappers():
+    # Inside inject_hyperparams (rates injected) inside a chain: the accessor finds the slow levels.
+    # sgd(1), gradient 1, period 1, rate 0.5, no reset: θ0 = -1, -2; θ1 = 0.5 θ̃0 + 0.5 θ1 = -0.5, -1.25.
+    inner = optax.inject_hyperparams(optim.consolidation_in_state)(
+        inner=optax.sgd(1.0), sync_periods=[1], rates=[0.5], reset_faster=False
+    )
+    tx = optax.chain(optax.clip(10.0), inner)
+    p = jnp.zeros(())
+    s = tx.init(p)
+    for _ in range(2):
+        u, s = tx.update(jnp.ones(()), s, p)
+        p = optax.apply_updates(p, u)
+    assert float(p) == -2.0
+    assert float(optim.consolidated_params(s)) == -1.25
+    assert float(optim.consolidated_params(s, level=1)) == -1.25
+    with pytest.raises(ValueError, match="exactly one SlowLevelsState, found 0"):
+        optim.consolidated_params(optax.sgd(1.0).init(p))
+    with pytest.raises(ValueError, match="level must be in 1..1"):
+        optim.consolidated_params(s, level=2)
+
+
+def test_in_state_keeps_bfloat16_slow_levels():
+    # The slow levels keep the params' dtype (no silent float32 copy in the state). sgd(0.5), gradient 1,
+    # period 2, rate 0.5, reset: θ̃0 = -1 at t=1, slow = -0.5 and params -0.5 (exact in bfloat16).
+    tx = optim.consolidation_in_state(optax.sgd(0.5), [2], [0.5])
+    p = jnp.zeros(3, jnp.bfloat16)
+    s = tx.init(p)
+    for _ in range(2):
+        u, s = jax.jit(tx.update)(jnp.ones(3, jnp.bfloat16), s, p)
+        p = optax.apply_updates(p, u)
+    assert p.dtype == s.slow[0].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(s.slow[0], np.float32), [-0.5] * 3)
+    np.testing.assert_array_equal(np.asarray(p, np.float32), [-0.5] * 3)
+
+
+def test_consolidation_in_state_bad_input():
+    with pytest.raises(ValueError, match="same length"):
+        optim.consolidation_in_state(optax.sgd(1.0), [2, 4], [0.5])
+    with pytest.raises(ValueError, match="sync_periods must be >= 1"):
+        optim.consolidation_in_state(optax.sgd(1.0), [0], [0.5])
+    tx = optim.consolidation_in_state(optax.sgd(1.0), [2], [0.5])
+    with pytest.raises(ValueError, match="for LevelParams use consolidation"):
+        tx.init(optim.LevelParams.init_synced(jnp.zeros(2), 2))
+    with pytest.raises(ValueError, match="got NoneType"):
+        tx.update(jnp.zeros(2), tx.init(jnp.zeros(2)), None)
+
+
+def test_in_state_in_the_continual_engine_is_fast_slow():
+    # The engine trains one parameter pytree, so the transform drops in as its optimizer. Another
+    # implementation of two-level consolidation: the FastSlow strategy (slow copy in the strategy state)
+    # over plain sgd. Same losses step for step, up to rounding.
+    from conftest import make_tiny_stream
+
+    from nestlearn import nn
+    from nestlearn.continual import FastSlow, Learner, Naive, TrainConfig
+
+    stream = make_tiny_stream()
+    model = lambda rngs: nn.MLP(6, (8,), 3, rngs=rngs)
+    cfg = TrainConfig(steps_per_task=8, batch_size=8)
+    ours = Learner(model, optim.consolidation_in_state(optax.sgd(0.1), [3], [0.4]), Naive(), cfg)
+    ref = Learner(model, optax.sgd(0.1), FastSlow(period=3.0, rate=0.4), cfg)
+    a, b = ours.run(stream, seeds=[0, 1]), ref.run(stream, seeds=[0, 1])
+    np.testing.assert_allclose(a.train_loss, b.train_loss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a.acc_matrix, b.acc_matrix, atol=1e-6)
+    assert not np.allclose(
+        a.train_loss, Learner(model, optax.sgd(0.1), Naive(), cfg).run(stream, seeds=[0, 1]).train_loss
+    )
+
+
 def test_delta_momentum_hand_trajectory():
     # η = 0.1, α = 0.9, β = 1, normalised key k = g/‖g‖; m <- α m - β <m,k> k - η g.
     #   g1 = [1, 0]: m1 = -0.1 g1 = [-0.1, 0]

@@ -42,6 +42,7 @@ class Case:
     wrap: Callable = lambda p: p  # parameters -> the transform's parameters
     fast: Callable = lambda p: p  # where gradients are taken
     slow: Callable = lambda p: p  # what is evaluated
+    slow_state: Callable = None  # what is evaluated, read from the optimizer state (overrides slow)
     extra: Callable = lambda p: {}  # extra arguments of update
     steps: int = 200
     target: Callable = None  # the point it converges to (default: the least-squares solution)
@@ -82,6 +83,15 @@ CASES = [
         wrap=lambda p: optim.LevelParams.init_synced(p, 3),
         fast=lambda p: p.fastest,
         slow=lambda p: p.slowest,
+        steps=400,
+    ),
+    Case(
+        "consolidation_in_state",
+        lambda learning_rate, rate: optim.consolidation_in_state(
+            optax.sgd(learning_rate, momentum=0.5), [2, 4], jnp.stack([rate, rate])
+        ),
+        {"learning_rate": 0.1, "rate": 0.5},
+        slow_state=optim.consolidated_params,
         steps=400,
     ),
     Case("delta_momentum", optim.delta_momentum, {"learning_rate": 0.1, "decay": 0.5, "beta": 0.5}),
@@ -180,10 +190,10 @@ def test_inject_hyperparams(case):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_converges_on_least_squares(case):
-    p, _ = jax.jit(lambda: run(case, make(case), case.steps))()
+    p, s = jax.jit(lambda: run(case, make(case), case.steps))()
     for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(case.wrap(init_params()))):
         assert a.shape == b.shape and a.dtype == b.dtype and bool(jnp.all(jnp.isfinite(a)))
-    got = case.slow(p)
+    got = case.slow_state(s) if case.slow_state else case.slow(p)
     want = case.target() if case.target else {"w": W_STAR, "b": B_STAR}
     # Starting distance is ‖(W*, b*)‖ ≈ 3.9; ask for two orders of magnitude less.
     err = np.sqrt(sum(float(jnp.sum((got[k] - jnp.asarray(want[k], jnp.float32)) ** 2)) for k in got))

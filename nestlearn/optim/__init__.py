@@ -2,7 +2,14 @@
 rule), N-level fast/slow consolidation, delta and deep momentum, Delta Gradient Descent and M3."""
 
 from nestlearn.optim._clock import LevelClock, clock_timeline, level_clock
-from nestlearn.optim._consolidation import ConsolidationState, LevelParams, consolidation
+from nestlearn.optim._consolidation import (
+    ConsolidationState,
+    LevelParams,
+    SlowLevelsState,
+    consolidated_params,
+    consolidation,
+    consolidation_in_state,
+)
 from nestlearn.optim._delta_gd import DeltaGDState, delta_gradient_descent, delta_gradient_step
 from nestlearn.optim._m3 import M3State, m3
 from nestlearn.optim._momentum import (
@@ -23,8 +30,11 @@ __all__ = [
     "LevelParams",
     "M3State",
     "PeriodicState",
+    "SlowLevelsState",
     "clock_timeline",
+    "consolidated_params",
     "consolidation",
+    "consolidation_in_state",
     "deep_momentum",
     "delta_gradient_descent",
     "delta_gradient_step",

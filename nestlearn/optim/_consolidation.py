@@ -177,3 +177,194 @@ def _sync(ups, theta, k, s, alpha, reset_faster):
                 d,
             )
     return ups
+
+
+class SlowLevelsState(NamedTuple):
+    """State of :func:`consolidation_in_state`: the inner optimizer's state and the slow levels.
+
+    Attributes:
+      count: int32, steps taken.
+      inner_state: state of the level-0 optimizer.
+      slow: tuple of ``N-1`` parameter pytrees, levels ``1 .. N-1`` (slowest last); level 0 is the
+        model's own parameters.
+    """
+
+    count: jax.Array
+    inner_state: optax.OptState
+    slow: tuple
+
+    @property
+    def slowest(self):
+        """Level ``N-1``, the most consolidated copy."""
+        return self.slow[-1]
+
+
+def consolidation_in_state(
+    inner: optax.GradientTransformation,
+    sync_periods: Sequence[int] | jax.typing.ArrayLike,
+    rates: Sequence[float] | jax.typing.ArrayLike,
+    *,
+    reset_faster: bool = True,
+    reset_state: bool = False,
+) -> optax.GradientTransformation:
+    r"""N-level consolidation over the model's own parameters, the slower levels kept in the optimizer state.
+
+    The rule of :func:`consolidation`: level 0 takes the inner update :math:`u` every step; at step
+    :math:`t` with :math:`s_k = [(t+1) \bmod P_k = 0]`, for :math:`k = 0, \dots, N-2` in order,
+
+    .. math::
+      \tilde\theta_0 = \theta_0 + u, \qquad
+      \tilde\theta_{k+1} = \theta_{k+1} + s_k\,\alpha_k(\tilde\theta_k - \theta_{k+1}),
+
+    and with ``reset_faster`` levels :math:`0..k` restart from :math:`\tilde\theta_{k+1}` when
+    :math:`s_k`. Here the params are level 0 alone (the model's parameters, so the transform drops into
+    any training loop, the continual engine included) and levels :math:`1..N-1` live in
+    :attr:`SlowLevelsState.slow`. The slow levels move inside a ``lax.while_loop`` of ``any(s)`` (0 or 1)
+    trips, which leaves them in place on steps without a sync (a ``lax.cond`` would copy them every
+    step), and the update is the inner one, or with a reset :math:`\tilde\theta_{k+1} - \theta_0` for the
+    slowest level that synced, chosen by ``where`` so that the inner update stays fused with the caller's
+    ``apply_updates``. A step without a sync so costs the inner update, one fused pass and a few selects.
+    :func:`consolidation` instead carries all N copies in the params and returns N updates every step
+    (zeros for the slow levels): N times the parameter traffic.
+
+    The trajectory is :func:`consolidation`'s up to rounding (the reset lands on the slow level's value
+    rather than on lookahead's merged update ``u - (1-α) d``; a few ulps apart), and so, for two levels,
+    ``optax.lookahead``'s. Periods and rates may be traced (swept under ``vmap``, injected); forward-mode
+    differentiation works, reverse mode does not pass the while loop: to differentiate through the
+    consolidation (a meta-gradient over rates), use :func:`consolidation`.
+
+    A separate factory rather than a flag on :func:`consolidation`, because the params and the state
+    have different types: the update's contract (one level in, one level out) is fixed by the factory.
+
+    Args:
+      inner: optimizer of level 0.
+      sync_periods: ``N-1`` ints >= 1 (may be traced); ``sync_periods[k]`` is how often level k+1 moves
+        toward level k.
+      rates: ``N-1`` floats (may be traced); ``rates[k]`` is :math:`\alpha_k`.
+      reset_faster: keyword-only; on a sync of level k+1, reset levels 0..k to it (default, lookahead).
+      reset_state: keyword-only; re-initialise the inner optimizer's state whenever level 1 syncs.
+
+    Returns:
+      An :class:`optax.GradientTransformation` over the model's parameters whose state is a
+      :class:`SlowLevelsState`; ``update`` needs ``params`` (the current level 0). Read the slow levels
+      with :func:`consolidated_params`.
+
+    Example:
+      >>> tx = consolidation_in_state(optax.sgd(0.5), [2], [0.5])
+      >>> p = jnp.zeros(1); s = tx.init(p)
+      >>> for _ in range(2):
+      ...   u, s = tx.update(jnp.ones(1), s, p); p = optax.apply_updates(p, u)
+      >>> p.tolist(), consolidated_params(s).tolist()
+      ([-0.5], [-0.5])
+
+    References:
+      Zhang et al., Lookahead Optimizer: k steps forward, 1 step back, 2019; Behrouz et al., Nested
+      Learning, 2025 (levels consolidating toward faster ones).
+    """
+    periods = jnp.atleast_1d(check_periods(sync_periods, "sync_periods"))
+    rates = jnp.atleast_1d(jnp.asarray(rates))
+    if periods.shape != rates.shape or periods.ndim != 1:
+        raise ValueError(
+            f"sync_periods and rates must be 1-D of the same length (levels - 1), got shapes "
+            f"{periods.shape} and {rates.shape}"
+        )
+    num_syncs = periods.shape[0]
+
+    def _check(params):
+        if params is None or isinstance(params, LevelParams):
+            raise ValueError(
+                "consolidation_in_state needs params = the model's parameters (level 0), got "
+                f"{type(params).__name__}; for LevelParams use consolidation"
+            )
+
+    def init_fn(params):
+        _check(params)
+        # Distinct buffers per level, so a jitted step may donate the whole state.
+        slow = tuple(jax.tree.map(lambda x: jnp.array(x, copy=True), params) for _ in range(num_syncs))
+        return SlowLevelsState(jnp.zeros([], jnp.int32), inner.init(params), slow)
+
+    def update_fn(updates, state, params):
+        _check(params)
+        u0, inner_state = inner.update(updates, state.inner_state, params)
+        sync = level_clock(periods, state.count).active
+        # θ̃0 = θ0 + u0 is needed only on sync steps; XLA hoists it out of the loop (one fused pass).
+        fast_new = jax.tree.map(lambda t, u: jnp.asarray(t + u).astype(t.dtype), params, u0)
+        slow = _sync_levels(list(state.slow), fast_new, sync, rates, reset_faster)
+        if reset_faster:
+            # Fast params restart from the slowest level that synced: U = θ_{k+1} - θ0 (a select, not a
+            # branch, so the inner update stays fused with the caller's apply_updates).
+            for k in range(num_syncs):
+                u0 = jax.tree.map(
+                    lambda u, t, p, s=sync[k]: jnp.where(s, (t - p).astype(u.dtype), u), u0, slow[k], params
+                )
+        if reset_state:
+            fresh = inner.init(params)
+            inner_state = jax.tree.map(lambda c, i: jnp.where(sync[0], i, c), inner_state, fresh)
+        return u0, SlowLevelsState(optax.safe_increment(state.count), inner_state, tuple(slow))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _sync_levels(slow, fast_new, sync, rates, reset_faster):
+    """The slow levels after a step: for k = 0, 1, ..., level k+1 (``slow[k]``) moves toward level k's new
+    value iff ``sync[k]``, and with reset levels 1..k restart from it.
+
+    One ``lax.while_loop`` of ``any(sync)`` (0 or 1) trips holds the arithmetic, rather than ``lax.cond``:
+    a while loop updates its carry in place and, when it does not run, passes it through untouched, where
+    ``cond`` copies every operand a branch returns unchanged (N-1 parameter copies on every step). Within
+    the loop, levels that do not sync are kept by ``where`` (one loop for all levels: a loop per level
+    costs copies between the loops).
+    """
+
+    def body(carry):
+        i, levels = carry
+        faster = fast_new
+        for k in range(len(levels)):
+            s, a = sync[k], rates[k]
+            target = jax.tree.map(lambda ts, t, a=a: ts + a.astype(ts.dtype) * (t - ts), levels[k], faster)
+            reset = [j for j in range(k + 1) if j == k or reset_faster]
+            levels = [
+                jax.tree.map(lambda x, y, s=s: jnp.where(s, y, x), levels[j], target)
+                if j in reset
+                else levels[j]
+                for j in range(len(levels))
+            ]
+            faster = levels[k]
+        return i + 1, levels
+
+    run = jnp.any(sync).astype(jnp.int32)
+    _, slow = jax.lax.while_loop(lambda carry: carry[0] < run, body, (jnp.zeros([], jnp.int32), slow))
+    return slow
+
+
+def consolidated_params(state: optax.OptState, level: int = -1):
+    """Level ``level`` (default the slowest) of the :class:`SlowLevelsState` found in ``state``.
+
+    ``state`` may be the state of :func:`consolidation_in_state` itself or of any transform around it
+    (``optax.chain``, ``inject_hyperparams``, ``MultiSteps``): it is searched for the one
+    :class:`SlowLevelsState` it holds.
+
+    Args:
+      state: an optimizer state holding exactly one :class:`SlowLevelsState`.
+      level: which level, ``1 .. N-1`` (level 0 is the params), or a negative index (``-1``: slowest).
+
+    Returns:
+      The parameter pytree of that level.
+
+    Example:
+      >>> tx = optax.chain(optax.clip(1.0), consolidation_in_state(optax.sgd(0.1), [2, 4], [0.5, 0.5]))
+      >>> consolidated_params(tx.init(jnp.ones(2)), level=1).tolist()
+      [1.0, 1.0]
+    """
+    found = [
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, SlowLevelsState))
+        if isinstance(s, SlowLevelsState)
+    ]
+    if len(found) != 1:
+        raise ValueError(f"state must hold exactly one SlowLevelsState, found {len(found)}")
+    slow = found[0].slow
+    n = len(slow) + 1
+    if not isinstance(level, int) or not (1 <= level < n or -n < level < 0):
+        raise ValueError(f"level must be in 1..{n - 1} or a negative index, got {level!r}")
+    return slow[level - 1] if level > 0 else slow[level]
