@@ -80,7 +80,9 @@ def consolidation(
     Two levels with ``reset_faster=True`` is ``optax.lookahead(inner, P_0, α_0, reset_state=...)``; the
     level-0 and level-1 arithmetic is lookahead's, so the trajectories agree bit for bit. Built on the
     same merged-update derivation as ``optax/_src/lookahead.py``; N levels and the no-reset variant are
-    written here because lookahead stops at two.
+    written here because lookahead stops at two. For training loops that own one copy of the parameters
+    (the continual engine), and for speed, :func:`consolidation_in_state` runs the same rule with the slow
+    levels in the optimizer state.
 
     Args:
       inner: optimizer of level 0.
