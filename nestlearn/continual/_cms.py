@@ -3,8 +3,10 @@
 The engine's optimizer sees one copy of the parameters; this strategy keeps the slow copy in its own
 state and, from ``after_step``, moves it toward the fast weights every ``P`` steps (and restarts the
 fast weights from it), so any optax optimizer, model and stream runs with consolidation unchanged.
-``nestlearn.optim.consolidation`` is the same rule as an optimizer over ``LevelParams``; it does not fit
-the engine, whose model takes one parameter pytree, hence this strategy.
+``nestlearn.optim.consolidation_in_state`` is the same rule as an optimizer whose slow levels live in its
+state (tested equal to this strategy in the engine); the strategy form composes with any optimizer and
+exposes period and rate as strategy fields to sweep. ``nestlearn.optim.consolidation`` works on
+``LevelParams`` (all levels as parameters) and does not fit the engine's single parameter pytree.
 """
 
 from __future__ import annotations
