@@ -191,7 +191,9 @@ def figures(out: Path, scale: Scale) -> None:
         for stream in STREAMS:
             results = labelled_results(out, stream)
             fig, (left, right) = plt.subplots(1, 2, figsize=(plot.DOUBLE_COLUMN, 2.6))
-            colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+            # More methods than the default ten colours: tab20 keeps every line distinct.
+            colors = list(plt.get_cmap("tab20").colors)
+            left.set_prop_cycle(color=colors)
             for i, (label, result) in enumerate(results.items()):
                 color = colors[i % len(colors)]
                 plot.average_accuracy_curve(result, ax=left, label=label)
