@@ -108,13 +108,7 @@ def consolidation(
       Zhang et al., Lookahead Optimizer: k steps forward, 1 step back, 2019; Behrouz et al., Nested
       Learning, 2025 (levels consolidating toward faster ones).
     """
-    periods = jnp.atleast_1d(check_periods(sync_periods, "sync_periods"))
-    rates = jnp.atleast_1d(jnp.asarray(rates))
-    if periods.shape != rates.shape or periods.ndim != 1:
-        raise ValueError(
-            f"sync_periods and rates must be 1-D of the same length (levels - 1), got shapes "
-            f"{periods.shape} and {rates.shape}"
-        )
+    periods, rates = _periods_and_rates(sync_periods, rates)
     num_syncs = periods.shape[0]
 
     def init_fn(params):
@@ -263,13 +257,7 @@ def consolidation_in_state(
       Zhang et al., Lookahead Optimizer: k steps forward, 1 step back, 2019; Behrouz et al., Nested
       Learning, 2025 (levels consolidating toward faster ones).
     """
-    periods = jnp.atleast_1d(check_periods(sync_periods, "sync_periods"))
-    rates = jnp.atleast_1d(jnp.asarray(rates))
-    if periods.shape != rates.shape or periods.ndim != 1:
-        raise ValueError(
-            f"sync_periods and rates must be 1-D of the same length (levels - 1), got shapes "
-            f"{periods.shape} and {rates.shape}"
-        )
+    periods, rates = _periods_and_rates(sync_periods, rates)
     num_syncs = periods.shape[0]
 
     def _check(params):
@@ -370,3 +358,15 @@ def consolidated_params(state: optax.OptState, level: int = -1):
     if not isinstance(level, int) or not (1 <= level < n or -n < level < 0):
         raise ValueError(f"level must be in 1..{n - 1} or a negative index, got {level!r}")
     return slow[level - 1] if level > 0 else slow[level]
+
+
+def _periods_and_rates(sync_periods, rates) -> tuple[jax.Array, jax.Array]:
+    """``sync_periods`` (checked >= 1) and ``rates`` as 1-D arrays of one length, the levels minus one."""
+    periods = jnp.atleast_1d(check_periods(sync_periods, "sync_periods"))
+    rates = jnp.atleast_1d(jnp.asarray(rates))
+    if periods.shape != rates.shape or periods.ndim != 1:
+        raise ValueError(
+            f"sync_periods and rates must be 1-D of the same length (levels - 1), got shapes "
+            f"{periods.shape} and {rates.shape}"
+        )
+    return periods, rates
