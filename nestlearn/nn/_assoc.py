@@ -1,0 +1,563 @@
+r"""The associative-memory primitive: a memory that learns key -> value maps in context, two ways to run it.
+
+A memory :math:`M` (a matrix, :math:`f(x) = xW`, or a residual two-layer MLP,
+:math:`f(x) = x + \mathrm{silu}(xW_1)W_2`) is trained *while it reads the sequence*: at token :math:`t`
+it takes one gradient step on an inner objective :math:`\ell_t(M) = \ell(f_M(k_t), v_t)`, with a
+per-token learning rate :math:`\eta_t`, a retention gate :math:`\alpha_t \in (0, 1]` and optionally
+momentum :math:`\beta_t`, then answers the query :math:`o_t = f_{M_t}(q_t)`:
+
+.. math::
+  S_t = \beta_t S_{t-1} - \eta_t \nabla\ell_t(\bar M_t), \qquad
+  M_t = \alpha_t M_{t-1} + S_t \quad(\text{without momentum } S_t = -\eta_t\nabla\ell_t(\bar M_t)).
+
+The inner objectives are ``"l2"``, :math:`\ell = \tfrac12\lVert f(k) - v\rVert^2` (the delta rule, which
+*overwrites*), and ``"dot"``, :math:`\ell = -\langle f(k), v\rangle` (Hebbian, which *adds*: with a matrix
+memory and :math:`\alpha = \eta = 1` it is linear attention). :math:`\bar M_t` is where the gradient is
+taken: the current state :math:`M_{t-1}` (``online=True``, exact per-token learning; matrix memories
+only), or the state at the start of the token's block of ``chunk`` tokens (``online=False``,
+mini-batch gradient descent as TTT and Titans train their memories).
+
+Two paths compute the same thing:
+
+- :func:`memory_scan`, per token: a ``lax.scan`` over tokens that calls ``jax.grad`` of the inner loss.
+  It is the reference, and it is what recurrent inference looks like.
+- :func:`memory_chunked`, chunkwise parallel: a ``lax.scan`` over chunks of ``chunk`` tokens; inside a
+  chunk every quantity is a matrix product. The state after token :math:`i` of a chunk is
+
+  .. math::
+    M_i = a_i M_0 + s_i S_0 + \sum_{j \le i} c_{ij} u_j, \qquad u_j = -\eta_j \nabla\ell_j,
+
+  with :math:`a_i = \prod_{l\le i}\alpha_l`, :math:`c_{ij} = \sum_{m=j}^{i} \prod_{l=m+1}^{i}\alpha_l
+  \prod_{l=j+1}^{m}\beta_l` (:math:`\prod_{l=j+1}^i \alpha_l` without momentum) and
+  :math:`s_i = \sum_{m\le i}\prod_{l=m+1}^{i}\alpha_l \prod_{l\le m}\beta_l`. The gradient of a dense
+  layer at one token is an outer product :math:`x_j^\top \delta_j`, so a query reads the updated memory
+  without ever forming it: :math:`y M_i = a_i\, y M_0 + s_i\, y S_0 - \sum_j c_{ij}\eta_j (y\cdot x_j)
+  \delta_j` (the "dual form"). For the online delta rule the residuals depend on the earlier writes of
+  the same chunk, :math:`r_i = k_i M_{i-1} - v_i`, which is a unit lower-triangular linear system in the
+  chunk's residuals, solved with one ``solve_triangular``.
+
+Both paths carry the state across calls, handle sequences shorter than a chunk and a partial last chunk,
+and report the per-token *surprise* :math:`\lVert\nabla\ell_t\rVert` (Titans' name for it).
+
+References:
+  Katharopoulos et al. 2020 (linear attention); Schlag et al. 2021 and Yang et al. 2024 (DeltaNet and its
+  chunkwise form); Sun et al. 2024 (TTT, mini-batch inner updates and the dual form); Behrouz et al. 2024
+  (Titans: momentum, "surprise", retention gate); Behrouz et al. 2025 (Nested Learning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.scipy.linalg import solve_triangular
+from jaxtyping import Array, Float
+
+_TINY = 1e-30  # retention is floored here before its log, so a gate of exactly 0 stays finite
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorySpec:
+    """What the memory is and how it learns in context.
+
+    Attributes:
+      memory: ``"linear"`` (a ``d_key x d_value`` matrix) or ``"mlp"`` (residual two-layer SiLU MLP,
+        ``d_key == d_value``).
+      objective: ``"l2"`` (delta rule) or ``"dot"`` (Hebbian / linear attention).
+      momentum: whether the update carries momentum ``S`` with per-token rate ``beta``.
+      online: gradient at the current state (exact per-token learning; linear memories) instead of at the
+        start of the block of ``chunk`` tokens (mini-batch gradient descent; required for ``"mlp"``).
+      chunk: tokens per chunk of the chunkwise path, and the block of mini-batch gradient descent.
+      stop_write_grad: treat what is written in context as a constant for the outer gradient (the writes
+        are not backpropagated through; queries, the initial state and the read-out still learn).
+    """
+
+    memory: Literal["linear", "mlp"] = "linear"
+    objective: Literal["l2", "dot"] = "l2"
+    momentum: bool = False
+    online: bool = True
+    chunk: int = 64
+    stop_write_grad: bool = False
+
+    def __post_init__(self) -> None:
+        if self.memory not in ("linear", "mlp"):
+            raise ValueError(f"MemorySpec.memory must be 'linear' or 'mlp', got {self.memory!r}")
+        if self.objective not in ("l2", "dot"):
+            raise ValueError(f"MemorySpec.objective must be 'l2' or 'dot', got {self.objective!r}")
+        if not isinstance(self.chunk, int) or self.chunk < 1:
+            raise ValueError(f"MemorySpec.chunk must be a positive int, got {self.chunk!r}")
+        if self.memory == "mlp" and self.online:
+            raise ValueError(
+                "MemorySpec.online=True needs a linear memory: an MLP memory has no exact chunkwise form of "
+                "per-token learning; use online=False (mini-batch gradient descent over each chunk)"
+            )
+
+    @property
+    def exact_online(self) -> bool:
+        """Whether gradients depend on earlier writes of the same block (online delta rule)."""
+        return self.online and self.objective == "l2"
+
+
+class MemoryState(flax.struct.PyTreeNode):
+    """A memory's state: its weights and, with momentum, the momentum of each weight.
+
+    ``weights`` is ``(W,)`` for a linear memory and ``(W1, W2)`` for an MLP memory; ``momentum`` has the
+    same structure (zeros at a reset) or is ``None``.
+    """
+
+    weights: tuple[Array, ...]
+    momentum: tuple[Array, ...] | None = None
+
+
+def initial_state(spec: MemorySpec, weights: tuple[Array, ...]) -> MemoryState:
+    """The state at a reset: the given (meta-learned) weights and zero momentum."""
+    momentum = tuple(jnp.zeros_like(w) for w in weights) if spec.momentum else None
+    return MemoryState(tuple(weights), momentum)
+
+
+# -- the memory as a function ----------------------------------------------------------------------------
+
+
+def _silu_grad(z: Array) -> Array:
+    s = jax.nn.sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
+
+
+def memory_apply(spec: MemorySpec, weights: tuple[Array, ...], x: Float[Array, "n d"]) -> Float[Array, "n e"]:
+    """The memory's read-out ``f_M(x)`` for rows ``x``."""
+    if spec.memory == "linear":
+        return x @ weights[0]
+    w1, w2 = weights
+    return x + jax.nn.silu(x @ w1) @ w2
+
+
+def inner_loss(spec: MemorySpec, weights: tuple[Array, ...], k: Array, v: Array) -> Array:
+    """The inner objective summed over rows: ``l2`` = ½‖f(k) − v‖², ``dot`` = −⟨f(k), v⟩."""
+    out = memory_apply(spec, weights, k)
+    if spec.objective == "l2":
+        return 0.5 * jnp.sum((out - v) ** 2)
+    return -jnp.sum(out * v)
+
+
+def _signals(
+    spec: MemorySpec, weights: tuple[Array, ...], k: Array, v: Array
+) -> tuple[tuple[Array, Array], ...]:
+    """Per-row ``(x_l, delta_l)`` of every layer: the gradient of row j's loss at layer l is ``x_lj^T delta_lj``."""
+    out = memory_apply(spec, weights, k)
+    r = out - v if spec.objective == "l2" else -v
+    if spec.memory == "linear":
+        return ((k, r),)
+    w1, w2 = weights
+    z = k @ w1
+    return ((k, (r @ w2.T) * _silu_grad(z)), (jax.nn.silu(z), r))
+
+
+# -- per-token path --------------------------------------------------------------------------------------
+
+
+def memory_scan(
+    spec: MemorySpec,
+    state: MemoryState,
+    q: Float[Array, "T dk"],
+    k: Float[Array, "T dk"],
+    v: Float[Array, "T dv"],
+    lr: Float[Array, " T"],
+    retention: Float[Array, " T"],
+    beta: Float[Array, " T"] | None = None,
+) -> tuple[Float[Array, "T dv"], MemoryState, dict[str, Array]]:
+    """Run the memory token by token (the reference path; also recurrent inference).
+
+    Args:
+      spec: the memory and its learning rule.
+      state: the state before the first token (:func:`initial_state` for a reset).
+      q, k, v: queries, keys and values of one sequence (one head).
+      lr: the inner learning rate of each token.
+      retention: the retention gate of each token, in ``(0, 1]``.
+      beta: the momentum rate of each token (required iff ``spec.momentum``).
+
+    Returns:
+      ``(outputs, final_state, aux)``: ``outputs[t] = f_{M_t}(q_t)`` read after token t's write, the state
+      after the last token, and ``aux["surprise"]``, the norm of each token's inner gradient.
+    """
+    _check_inputs(spec, q, k, v, lr, retention, beta)
+    beta = jnp.zeros_like(lr) if beta is None else beta
+
+    def step(carry, inputs):
+        weights, momentum, base, pos = carry
+        qt, kt, vt, lrt, at, bt = inputs
+        base = block_base(spec, weights, base, pos)
+        weights, momentum, surprise = token_write(spec, weights, momentum, base, kt, vt, lrt, at, bt)
+        out = memory_apply(spec, weights, qt[None])[0]
+        return (weights, momentum, base, pos + 1), (out, surprise)
+
+    carry = (state.weights, state.momentum, state.weights, jnp.zeros((), jnp.int32))
+    (weights, momentum, _, _), (out, surprise) = jax.lax.scan(step, carry, (q, k, v, lr, retention, beta))
+    return out, MemoryState(weights, momentum), {"surprise": surprise}
+
+
+def block_base(spec: MemorySpec, weights: tuple[Array, ...], base: tuple[Array, ...], pos: Array):
+    """Where token ``pos`` takes its gradient: the current weights (online) or those that opened its block."""
+    if spec.online:
+        return weights
+    fresh = pos % spec.chunk == 0
+    return tuple(jnp.where(fresh, w, b) for w, b in zip(weights, base))
+
+
+def token_write(spec: MemorySpec, weights, momentum, base, k: Array, v: Array, lr, retention, beta):
+    """One token's write: the gradient of the inner loss at ``base`` (by ``jax.grad``), then the update.
+
+    Returns ``(weights, momentum, surprise)``, the surprise being the gradient's norm.
+    """
+    g = jax.grad(lambda w: inner_loss(spec, w, k[None], v[None]))(base)
+    if spec.stop_write_grad:
+        g = jax.lax.stop_gradient(g)
+    surprise = jnp.sqrt(sum(jnp.sum(gi**2) for gi in g))
+    if spec.momentum:
+        momentum = tuple(beta * s - lr * gi for s, gi in zip(momentum, g))
+        return tuple(retention * w + s for w, s in zip(weights, momentum)), momentum, surprise
+    return tuple(retention * w - lr * gi for w, gi in zip(weights, g)), momentum, surprise
+
+
+# -- chunkwise path --------------------------------------------------------------------------------------
+
+
+def _decay_matrix(log_gate: Array) -> Array:
+    """``E[i, j] = prod_{l=j+1..i} gate_l`` for ``j <= i``, else 0, from the cumulative log gate."""
+    c = jnp.cumsum(log_gate)
+    n = c.shape[0]
+    lower = jnp.tril(jnp.ones((n, n), bool))
+    return jnp.exp(jnp.where(lower, c[:, None] - c[None, :], -jnp.inf))
+
+
+def _coefficients(log_a: Array, log_b: Array | None):
+    """``(a, s, c, sb, eb)``: the chunk recurrence unrolled (see the module docstring).
+
+    ``a[i]`` multiplies M_0, ``s[i]`` multiplies S_0 and ``c[i, j]`` the update u_j in M_i; ``sb[i]`` and
+    ``eb[i, j]`` are the same for the momentum S_i.
+    """
+    ea = _decay_matrix(log_a)
+    a = jnp.exp(jnp.cumsum(log_a))
+    if log_b is None:
+        return a, None, ea, None, None
+    eb = _decay_matrix(log_b)
+    sb = jnp.exp(jnp.cumsum(log_b))
+    return a, ea @ sb, ea @ eb, sb, eb
+
+
+def _shift_down(x: Array, first: float) -> Array:
+    """Row i of the result is row i-1 of ``x``; row 0 is ``first``."""
+    head = jnp.full((1, *x.shape[1:]), first, x.dtype)
+    return jnp.concatenate([head, x[:-1]], axis=0)
+
+
+def _chunk(spec: MemorySpec, state: MemoryState, chunk_inputs, last: Array):
+    """One chunk: outputs of every token, the state after token ``last``, and each token's surprise."""
+    q, k, v, lr, log_a, log_b = chunk_inputs
+    a, s, c, sb, eb = _coefficients(log_a, log_b if spec.momentum else None)
+    w0, s0 = state.weights, state.momentum
+
+    if spec.exact_online:  # delta rule, linear memory: residuals depend on this chunk's earlier writes
+        (w,) = w0
+        rhs = _shift_down(a, 1.0)[:, None] * (k @ w) - v
+        if spec.momentum:
+            rhs = rhs + _shift_down(s, 0.0)[:, None] * (k @ s0[0])
+        coupling = _shift_down(c, 0.0) * lr[None, :] * (k @ k.T)  # strictly lower triangular
+        eye = jnp.eye(k.shape[0], dtype=k.dtype)
+        r = solve_triangular(eye + coupling, rhs, lower=True, unit_diagonal=True)
+        signals = ((k, r),)
+    else:
+        signals = _signals(spec, w0, k, v)
+    if spec.stop_write_grad:
+        signals = jax.lax.stop_gradient(signals)
+    surprise = jnp.sqrt(sum(jnp.sum(x**2, 1) * jnp.sum(d**2, 1) for x, d in signals))
+
+    coef = c * lr[None, :]  # the weight of write j (its -lr_j grad) in the state after token i
+
+    def read(layer: int, y: Array) -> Array:  # y M_i for every row i of y (the dual form)
+        x, d = signals[layer]
+        out = a[:, None] * (y @ w0[layer]) - (coef * (y @ x.T)) @ d
+        if spec.momentum:
+            out = out + s[:, None] * (y @ s0[layer])
+        return out
+
+    if spec.memory == "linear":
+        out = read(0, q)
+    else:
+        out = q + read(1, jax.nn.silu(read(0, q)))
+
+    weights = tuple(
+        a[last] * w - x.T @ (coef[last][:, None] * d) for w, (x, d) in zip(w0, signals, strict=True)
+    )
+    momentum = None
+    if spec.momentum:
+        weights = tuple(w + s[last] * m for w, m in zip(weights, s0))
+        momentum = tuple(
+            sb[last] * m - x.T @ ((eb[last] * lr)[:, None] * d) for m, (x, d) in zip(s0, signals, strict=True)
+        )
+    return out, MemoryState(weights, momentum), surprise
+
+
+def memory_chunked(
+    spec: MemorySpec,
+    state: MemoryState,
+    q: Float[Array, "T dk"],
+    k: Float[Array, "T dk"],
+    v: Float[Array, "T dv"],
+    lr: Float[Array, " T"],
+    retention: Float[Array, " T"],
+    beta: Float[Array, " T"] | None = None,
+) -> tuple[Float[Array, "T dv"], MemoryState, dict[str, Array]]:
+    """Run the memory chunk by chunk, each chunk in parallel; same arguments and results as :func:`memory_scan`.
+
+    The sequence is cut into chunks of ``min(spec.chunk, T)`` tokens; a partial last chunk is padded and
+    its state read after its last real token, so padding never touches the state.
+
+    Example:
+      >>> spec = MemorySpec("linear", "l2", chunk=4)
+      >>> state = initial_state(spec, (jnp.zeros((3, 2)),))
+      >>> q = k = jnp.eye(3)[jnp.array([0, 1, 2, 0, 1])]; v = jnp.ones((5, 2)); g = jnp.ones(5)
+      >>> out, state, aux = memory_chunked(spec, state, q, k, v, 0.5 * g, g)
+      >>> out.shape, aux["surprise"].shape
+      ((5, 2), (5,))
+    """
+    _check_inputs(spec, q, k, v, lr, retention, beta)
+    n = q.shape[0]
+    size = min(spec.chunk, n)
+    chunks = math.ceil(n / size)
+    pad = chunks * size - n
+    log_a = jnp.log(jnp.maximum(retention, _TINY))
+    log_b = jnp.log(jnp.maximum(beta, _TINY)) if beta is not None else jnp.zeros_like(lr)
+
+    def split(x: Array) -> Array:
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape(chunks, size, *x.shape[1:])
+
+    last = jnp.full((chunks,), size - 1, jnp.int32).at[-1].set((n - 1) % size)
+
+    def body(st, inputs):
+        *chunk_inputs, lst = inputs
+        out, st, surprise = _chunk(spec, st, chunk_inputs, lst)
+        return st, (out, surprise)
+
+    xs = tuple(split(x) for x in (q, k, v, lr, log_a, log_b)) + (last,)
+    state, (out, surprise) = jax.lax.scan(body, state, xs)
+    out = out.reshape(chunks * size, -1)[:n]
+    return out, state, {"surprise": surprise.reshape(-1)[:n]}
+
+
+def _check_inputs(spec, q, k, v, lr, retention, beta) -> None:
+    n = q.shape[0]
+    for name, x, nd in (("q", q, 2), ("k", k, 2), ("v", v, 2), ("lr", lr, 1), ("retention", retention, 1)):
+        if x.ndim != nd or x.shape[0] != n:
+            raise ValueError(f"{name} must have shape ({n}{', d' if nd == 2 else ''}), got {x.shape}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {q.shape}, got {k.shape}")
+    if spec.momentum and (beta is None or beta.shape != (n,)):
+        raise ValueError(
+            f"beta must have shape ({n},) for a memory with momentum, got {getattr(beta, 'shape', None)}"
+        )
+    if not spec.momentum and beta is not None:
+        raise ValueError("beta was given but the MemorySpec has momentum=False")
+    if n == 0:
+        raise ValueError("the sequence is empty (q has 0 rows)")
+
+
+# -- the memory as a sequence layer (Flax NNX) -----------------------------------------------------------
+
+
+def _l2_normalize(x: Array) -> Array:
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)
+
+
+def _first_nonfinite(x: Float[Array, "batch T ..."]) -> Array:
+    """Per batch row, the first token whose entries are not all finite, or -1."""
+    bad = ~jnp.all(jnp.isfinite(x.reshape(*x.shape[:2], -1)), axis=-1)
+    return jnp.where(jnp.any(bad, axis=1), jnp.argmax(bad, axis=1), -1).astype(jnp.int32)
+
+
+def run_memory(spec: MemorySpec, path: str, state: MemoryState, q, k, v, lr, retention, beta=None):
+    """:func:`memory_chunked` (``path="chunk"``) or :func:`memory_scan` (``"token"``) over batch and heads.
+
+    Inputs are ``[batch, T, heads, d]`` (gates ``[batch, T, heads]``); the state's leaves lead with
+    ``[batch, heads]``. Returns outputs ``[batch, T, heads, d_value]``, the state, and the surprise
+    ``[batch, T, heads]``.
+    """
+    if path not in ("chunk", "token"):
+        raise ValueError(f"path must be 'chunk' or 'token', got {path!r}")
+    fn = memory_chunked if path == "chunk" else memory_scan
+
+    def one(st, *xs):
+        if beta is None:
+            xs = (*xs, None)
+        out, st, aux = fn(spec, st, *xs)
+        return out, st, aux["surprise"]
+
+    # [batch, T, heads, ...] -> [batch, heads, T, ...]: one sequence per (batch row, head)
+    per_head = [jnp.swapaxes(x, 1, 2) for x in (q, k, v, lr, retention)]
+    if beta is not None:
+        per_head.append(jnp.swapaxes(beta, 1, 2))
+    out, state, surprise = jax.vmap(jax.vmap(one))(state, *per_head)
+    return jnp.swapaxes(out, 1, 2), state, jnp.swapaxes(surprise, 1, 2)
+
+
+class AssociativeMemory(nnx.Module):
+    r"""A causal sequence layer whose state is an associative memory learning in context (multi-head).
+
+    Per head, :math:`q_t, k_t, v_t` are linear projections of :math:`x_t` (``q``, ``k`` L2-normalised when
+    ``normalize``); the learning rate :math:`\eta_t = \mathrm{lr}\,\sigma(w_\eta x_t + b_\eta)` (or the
+    constant ``lr``), the retention gate :math:`\alpha_t = \sigma(w_\alpha x_t + b_\alpha)` (or 1) and
+    the momentum rate :math:`\beta_t = \sigma(w_\beta x_t + b_\beta)` come from the input. The memory
+    learns as :class:`MemorySpec` says; the heads' reads are RMS-normalised and projected back to
+    ``d_model``. The initial memory (``w_init``, ``w2_init``) is a parameter: the outer loop meta-learns it, and
+    :meth:`init_state` resets to it.
+
+    Args:
+      d_model: input and output features.
+      heads: memory heads; ``d_head`` (default ``d_model // heads``) features per head.
+      memory, objective, momentum, online, chunk, stop_write_grad: the :class:`MemorySpec`.
+      hidden: hidden units of an ``"mlp"`` memory (default ``2 * d_head``).
+      lr: the inner learning rate (its maximum when ``lr_from_input``).
+      lr_from_input: make the rate a per-token gate of the input; else constant ``lr``.
+      gate: a per-token retention gate from the input (initialised near 1); else no forgetting.
+      normalize: L2-normalise queries and keys (keeps the delta rule stable for ``lr <= 1``).
+      path: ``"chunk"`` (chunkwise parallel) or ``"token"`` (per-token scan); the results agree.
+      rngs: random streams for the parameters.
+
+    Example:
+      >>> mem = AssociativeMemory(16, heads=2, rngs=nnx.Rngs(0))
+      >>> x = jnp.ones((3, 10, 16))
+      >>> y, state, aux = mem.apply(x, mem.init_state(3))
+      >>> y.shape, state.weights[0].shape
+      ((3, 10, 16), (3, 2, 8, 8))
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        heads: int = 2,
+        d_head: int | None = None,
+        memory: Literal["linear", "mlp"] = "linear",
+        hidden: int | None = None,
+        objective: Literal["l2", "dot"] = "l2",
+        momentum: bool = False,
+        online: bool = True,
+        chunk: int = 64,
+        stop_write_grad: bool = False,
+        lr: float = 1.0,
+        lr_from_input: bool = True,
+        gate: bool = True,
+        normalize: bool = True,
+        path: str = "chunk",
+        rngs: nnx.Rngs,
+    ) -> None:
+        d_head = d_model // heads if d_head is None else d_head
+        if heads < 1 or d_head < 1:
+            raise ValueError(f"heads ({heads}) and d_head ({d_head}) must be >= 1")
+        if path not in ("chunk", "token"):
+            raise ValueError(f"path must be 'chunk' or 'token', got {path!r}")
+        self.spec = MemorySpec(memory, objective, momentum, online, chunk, stop_write_grad)
+        self.heads, self.d_head, self.path = heads, d_head, path
+        self.lr, self.lr_from_input, self.gate, self.normalize = lr, lr_from_input, gate, normalize
+        width = heads * d_head
+        self.q = nnx.Linear(d_model, width, use_bias=False, rngs=rngs)
+        self.k = nnx.Linear(d_model, width, use_bias=False, rngs=rngs)
+        self.v = nnx.Linear(d_model, width, use_bias=False, rngs=rngs)
+        self.o = nnx.Linear(width, d_model, use_bias=False, rngs=rngs)
+        self.norm = nnx.RMSNorm(d_head, rngs=rngs)
+        small = nnx.initializers.normal(0.02)
+        if lr_from_input:
+            self.lr_proj = nnx.Linear(d_model, heads, kernel_init=small, rngs=rngs)
+        if gate:  # bias 6: retention sigma(6) ~ 0.9975 at the start, so early training does not forget
+            self.gate_proj = nnx.Linear(
+                d_model, heads, kernel_init=small, bias_init=nnx.initializers.constant(6.0), rngs=rngs
+            )
+        if momentum:
+            self.momentum_proj = nnx.Linear(d_model, heads, kernel_init=small, rngs=rngs)
+        if memory == "linear":
+            self.w_init = nnx.Param(jnp.zeros((heads, d_head, d_head)))
+        else:
+            hidden = 2 * d_head if hidden is None else hidden
+            k1, k2 = jax.random.split(rngs.params())
+            self.w_init = nnx.Param(jax.random.normal(k1, (heads, d_head, hidden)) / math.sqrt(d_head))
+            self.w2_init = nnx.Param(0.02 * jax.random.normal(k2, (heads, hidden, d_head)))
+
+    def _init_weights(self) -> tuple[Array, ...]:
+        if self.spec.memory == "linear":
+            return (self.w_init[...],)
+        return (self.w_init[...], self.w2_init[...])
+
+    def init_state(self, batch: int) -> MemoryState:
+        """The memory reset to its (meta-learned) initial state, for ``batch`` sequences."""
+        weights = tuple(jnp.broadcast_to(w, (batch, *w.shape)) for w in self._init_weights())
+        return initial_state(self.spec, weights)
+
+    def gates(self, x: Float[Array, "batch T d"]) -> tuple[Array, Array, Array | None]:
+        """Per-token learning rate, retention and momentum rate, each ``[batch, T, heads]``."""
+        shape = (*x.shape[:2], self.heads)
+        lr = self.lr * jax.nn.sigmoid(self.lr_proj(x)) if self.lr_from_input else jnp.full(shape, self.lr)
+        retention = jax.nn.sigmoid(self.gate_proj(x)) if self.gate else jnp.ones(shape)
+        beta = jax.nn.sigmoid(self.momentum_proj(x)) if self.spec.momentum else None
+        return lr, retention, beta
+
+    def apply(
+        self, x: Float[Array, "batch T d"], state: MemoryState | None = None
+    ) -> tuple[Float[Array, "batch T d"], MemoryState, dict[str, Array]]:
+        """Read and write a sequence, starting from ``state`` (default: a reset); carry the result onward.
+
+        Returns ``(y, state, aux)``; ``aux`` holds per-token ``surprise``, ``lr``, ``retention`` (and
+        ``beta``), each ``[batch, T, heads]``, and ``diverged_at``, per sequence the first token whose
+        read is not finite (-1 when none).
+        """
+        b, t, _ = x.shape
+        state = self.init_state(b) if state is None else state
+        split = lambda z: z.reshape(b, t, self.heads, self.d_head)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        if self.normalize:
+            q, k = _l2_normalize(q), _l2_normalize(k)
+        lr, retention, beta = self.gates(x)
+        out, state, surprise = run_memory(self.spec, self.path, state, q, k, v, lr, retention, beta)
+        aux = {"surprise": surprise, "lr": lr, "retention": retention, "diverged_at": _first_nonfinite(out)}
+        if beta is not None:
+            aux["beta"] = beta
+        return self.o(self.norm(out).reshape(b, t, -1)), state, aux
+
+    def __call__(self, x: Float[Array, "batch T d"]) -> Float[Array, "batch T d"]:
+        return self.apply(x)[0]
+
+    def telemetry(self, x: Float[Array, "batch T d"]) -> tuple[Float[Array, "batch T d"], dict[str, Array]]:
+        """The output and scalar statistics: gates, surprise, in-context update norm, divergence."""
+        start = self.init_state(x.shape[0])
+        y, end, aux = self.apply(x, start)
+        update = jnp.sqrt(
+            sum(jnp.sum((e - s) ** 2, axis=(-2, -1)) for e, s in zip(end.weights, start.weights))
+        )
+        return y, memory_statistics(aux, update)
+
+
+def memory_statistics(aux: dict[str, Array], update_norm: Array) -> dict[str, Array]:
+    """Scalars from a memory's ``aux``: mean/min gates, mean/max surprise, update norm, first divergence.
+
+    ``diverged_at`` is the earliest token at which any sequence's read stopped being finite, or -1; the
+    means are over finite entries only, so one diverged sequence cannot hide in an average.
+    """
+    stats = {}
+    for name in ("lr", "retention", "beta"):
+        if name in aux:
+            stats[f"{name}_mean"] = jnp.mean(aux[name])
+            stats[f"{name}_min"] = jnp.min(aux[name])
+    s = aux["surprise"]
+    finite = jnp.isfinite(s)
+    stats["surprise_mean"] = jnp.sum(jnp.where(finite, s, 0.0)) / jnp.maximum(jnp.sum(finite), 1).astype(s.dtype)
+    stats["surprise_max"] = jnp.max(jnp.where(finite, s, 0.0))
+    stats["update_norm"] = jnp.mean(update_norm)
+    bad = aux["diverged_at"]
+    stats["diverged_at"] = jnp.where(
+        jnp.any(bad >= 0), jnp.min(jnp.where(bad >= 0, bad, jnp.iinfo(jnp.int32).max)), -1
+    )
+    return stats
