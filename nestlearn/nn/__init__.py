@@ -11,6 +11,7 @@ from nestlearn.nn._assoc import (
     memory_scan,
     memory_statistics,
 )
+from nestlearn.nn._attention import CausalAttention, rotary
 from nestlearn.nn._cms import (
     CMSMLP,
     CMSBlock,
@@ -24,8 +25,27 @@ from nestlearn.nn._cms import (
     level_update_norms,
     linear_cka,
 )
+from nestlearn.nn._memory_models import (
+    deltanet,
+    hope,
+    linear_attention,
+    self_modifying_titans,
+    state_size,
+    titans,
+    ttt_linear,
+    ttt_mlp,
+)
 from nestlearn.nn._mlp import MLP, torch_linear_init
 from nestlearn.nn._selfmod import SelfModifyingMemory
+from nestlearn.nn._seq import (
+    CMSChannel,
+    MLPChannel,
+    SequenceBlock,
+    SequenceModel,
+    hope_attention,
+    transformer,
+)
+from nestlearn.nn._seqtrain import SeqTrainer, SeqTrainState, finite_mean, query_loss
 
 __all__ = ["MLP", "torch_linear_init"]
 __all__ += [
@@ -52,4 +72,26 @@ __all__ += [
     "memory_chunked",
     "memory_scan",
     "memory_statistics",
+]
+__all__ += [
+    "CMSChannel",
+    "CausalAttention",
+    "MLPChannel",
+    "SeqTrainState",
+    "SeqTrainer",
+    "SequenceBlock",
+    "SequenceModel",
+    "deltanet",
+    "finite_mean",
+    "hope",
+    "hope_attention",
+    "linear_attention",
+    "query_loss",
+    "rotary",
+    "self_modifying_titans",
+    "state_size",
+    "titans",
+    "transformer",
+    "ttt_linear",
+    "ttt_mlp",
 ]
