@@ -13,6 +13,15 @@ from nestlearn.tasks._meta import (
     few_shot_mnist,
 )
 from nestlearn.tasks._plasticity import RegressionState, SlowlyChangingRegression
+from nestlearn.tasks._recall import (
+    RecallBatch,
+    TwoLanguages,
+    forgetting_mqar,
+    mqar,
+    passkey,
+    power_law_gaps,
+    two_languages,
+)
 from nestlearn.tasks._stream import TaskStream, identity_features
 
 __all__ = [
@@ -26,6 +35,13 @@ __all__ = [
     "few_shot_mnist",
     "RegressionState",
     "SlowlyChangingRegression",
+    "RecallBatch",
+    "TwoLanguages",
+    "forgetting_mqar",
+    "mqar",
+    "passkey",
+    "power_law_gaps",
+    "two_languages",
     "MnistData",
     "TaskStream",
     "identity_features",
