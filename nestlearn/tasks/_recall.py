@@ -202,7 +202,7 @@ def mqar(
     """Multi-query associative recall (MQAR), laid out as the Zoology generator lays it out.
 
     With :math:`N` = ``pairs``, :math:`L` = ``length``, :math:`V` = ``vocab`` and :math:`h = \\lfloor V/2
-    \\rfloor`, each sequence is built from its own key:
+    \\rfloor`, each sequence, independently of the others:
 
     - keys :math:`k_1..k_N`: distinct, uniform from :math:`\\{1, \\dots, h-1\\}` (the lower half; token 0
       is never a key, Zoology reserves it as the filler placeholder);
