@@ -93,6 +93,25 @@ def test_mqar_gap_power_law_against_closed_form():
     assert _within(np.mean(positions[:, 0] == 2 * pairs), 1 / space, n)
 
 
+def test_mqar_keys_and_values_are_uniform_subsets_in_uniform_order():
+    # The sizes of the power-law test (one compilation): keys from 1..31, values from 32..63, 4 of each.
+    # A uniform 4-subset in uniform order: each slot's key is uniform on 31 values (1/31 each); the largest
+    # of the 4 keys sits in each slot with probability 1/4 (Floyd's algorithm alone puts it late); and
+    # slot 0 < slot 1 with probability 1/2.
+    n = 6000
+    tokens, _, _, _ = _np(mqar(jax.random.key(14), n, length=64, pairs=4, vocab=64))
+    keys, values = tokens[:, 0:8:2], tokens[:, 1:8:2]
+    for slot in range(4):
+        for k in (1, 16, 31):
+            assert _within(np.mean(keys[:, slot] == k), 1 / 31, n), (slot, k)
+        assert _within(np.mean(np.argmax(keys, 1) == slot), 0.25, n), slot
+        assert _within(np.mean(np.argmax(values, 1) == slot), 0.25, n), slot
+    assert _within(np.mean(keys[:, 0] < keys[:, 1]), 0.5, n)
+    # the count of each key over all slots: 4/31 per row in expectation
+    counts = np.bincount(keys.ravel(), minlength=32)[1:]
+    assert (np.abs(counts / n - 4 / 31) < 4.5 * np.sqrt(4 / 31 * (27 / 31) / n)).all()
+
+
 # --------------------------------------------------------------------------------------------- forgetting
 
 

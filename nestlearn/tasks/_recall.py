@@ -111,22 +111,45 @@ def _check_mqar(batch, length, pairs, vocab, power, *, writes: int, values: int)
 # --------------------------------------------------------------------------------------------- sampling
 
 
-def _gumbel_blocks(key: PRNGKeyArray, batch: int, widths: tuple[int, ...]) -> list[Array]:
-    """Independent ``[batch, w]`` blocks of iid Gumbel noise, cut from one draw (one PRNG call compiles
-    much faster than several, which matters under vmap)."""
-    noise = jax.random.gumbel(key, (batch, sum(widths)))
-    return jnp.split(noise, np.cumsum(widths)[:-1].tolist(), axis=1)
+_ORDER = 1 << 30  # range of the random sort keys that shuffle Floyd's picks
 
 
-def _top(scores: Array, k: int) -> Int[Array, "batch k"]:
-    """Column indices of the ``k`` largest scores per row, largest first."""
-    return jax.lax.top_k(scores, k)[1].astype(jnp.int32)
+def _int_blocks(key: PRNGKeyArray, batch: int, highs: list[np.ndarray]) -> list[Array]:
+    """Independent ``[batch, len(h)]`` int32 blocks, column ``j`` of a block uniform on ``0..h[j]-1``.
+
+    All blocks come from one ``randint`` call with per-column bounds: one PRNG call compiles much faster
+    than several, which matters under vmap.
+    """
+    high = np.concatenate(highs).astype(np.int32)
+    draws = jax.random.randint(key, (batch, high.size), 0, high[None, :], dtype=jnp.int32)
+    return jnp.split(draws, np.cumsum([h.size for h in highs])[:-1].tolist(), axis=1)
 
 
-def _distinct(noise: Array, k: int) -> Int[Array, "batch k"]:
-    """Per row, ``k`` distinct integers from ``0..n-1`` (``n`` the width of the Gumbel ``noise``): a
-    uniform random subset in uniform random order (the top-k of iid noise)."""
-    return _top(noise, k)
+def _distinct_highs(n: int, k: int) -> list[np.ndarray]:
+    """The two blocks of draws :func:`_distinct` consumes: Floyd's ``k`` draws and ``k`` sort keys."""
+    return [np.arange(n - k + 1, n + 1), np.full(k, _ORDER)]
+
+
+def _distinct(floyd: Array, order: Array, n: int) -> Int[Array, "batch k"]:
+    """Per row, ``k`` distinct integers from ``0..n-1``: a uniform random subset in uniform random order.
+
+    Floyd's algorithm: for :math:`i = 0..k-1`, with :math:`j = n-k+i` and :math:`t` = ``floyd[:, i]``
+    uniform on :math:`0..j`, pick :math:`t` unless it is already picked, else pick :math:`j` (never
+    picked before, since every earlier pick is below :math:`j`). Every :math:`k`-subset is equally likely
+    (Bentley and Floyd, "Programming pearls: a sample of brilliance", CACM 1987), for :math:`O(k^2)` work
+    per row instead of :math:`O(n)` for shuffling all candidates (:math:`n` is 4,095 for the default
+    vocabulary). Floyd's pick order is not uniform (:math:`j` comes late), so the picks are then sorted
+    by iid sort keys ``order`` (ties, of probability below :math:`k^2 / 2^{31}`, keep the pick order).
+    """
+    k = floyd.shape[1]
+
+    def pick(i, chosen):
+        t = floyd[:, i]
+        taken = (chosen == t[:, None]).any(axis=1)
+        return chosen.at[:, i].set(jnp.where(taken, n - k + i, t))
+
+    chosen = jax.lax.fori_loop(0, k, pick, jnp.full(floyd.shape, -1, jnp.int32))
+    return jnp.take_along_axis(chosen, jnp.argsort(order, axis=1).astype(jnp.int32), axis=1)
 
 
 def power_law_gaps(space: int, power: float) -> np.ndarray:
@@ -173,7 +196,7 @@ def _gaps(noise: Array, power, k: int) -> Int[Array, "batch k"]:
     space = noise.shape[1]
     # log p(g) up to its normaliser, which does not change the top-k
     logw = (jnp.asarray(power, jnp.float32) - 1.0) * jnp.log(jnp.arange(1, space + 1, dtype=jnp.float32))
-    return _top(logw[None, :] + noise, k)
+    return jax.lax.top_k(logw[None, :] + noise, k)[1].astype(jnp.int32)
 
 
 def _interleave(keys: Array, values: Array) -> Array:
@@ -257,21 +280,15 @@ def _mqar(key, power, random_filler, *, batch, length, pairs, vocab) -> RecallBa
     half = vocab // 2
     space = (length - 2 * pairs) // 2
 
-    k_noise, k_fill = jax.random.split(key)
-    g_key, g_val, g_gap = _gumbel_blocks(k_noise, batch, (half - 1, vocab - half, space))
-    keys = 1 + _distinct(g_key, pairs)
-    values = half + _distinct(g_val, pairs)
-    positions = 2 * pairs + 2 * _gaps(g_gap, power, pairs)
-    tokens = _filler(k_fill, (batch, length), vocab, random_filler)
+    k_int, k_gap = jax.random.split(key)
+    highs = [*_distinct_highs(half - 1, pairs), *_distinct_highs(vocab - half, pairs), np.full(length, vocab)]
+    f_key, o_key, f_val, o_val, fill = _int_blocks(k_int, batch, highs)
+    keys = 1 + _distinct(f_key, o_key, half - 1)
+    values = half + _distinct(f_val, o_val, vocab - half)
+    positions = 2 * pairs + 2 * _gaps(jax.random.gumbel(k_gap, (batch, space)), power, pairs)
+    tokens = jnp.where(random_filler, fill, 0)
     tokens = tokens.at[:, : 2 * pairs].set(_interleave(keys, values)).at[_rows(batch), positions].set(keys)
     return RecallBatch(tokens, positions, values, jnp.zeros((batch, pairs), jnp.int32))
-
-
-def _filler(
-    key: PRNGKeyArray, shape: tuple[int, int], vocab: int, random_filler
-) -> Int[Array, "batch length"]:
-    """Uniform tokens on ``0..vocab-1`` where ``random_filler`` (may be traced), else token 0."""
-    return jnp.where(random_filler, jax.random.randint(key, shape, 0, vocab, dtype=jnp.int32), 0)
 
 
 def forgetting_mqar(
@@ -350,18 +367,24 @@ def _forgetting_mqar(key, power, random_filler, *, batch, length, pairs, reassig
     space = (length - context) // 2
 
     rows = _rows(batch)
-    k_noise, k_fill = jax.random.split(key)
-    g_key, g_val, g_which, g_gap = _gumbel_blocks(k_noise, batch, (half - 1, vocab - half, pairs, space))
-    keys = 1 + _distinct(g_key, pairs)
-    values = half + _distinct(g_val, pairs + reassign)
+    k_int, k_gap = jax.random.split(key)
+    highs = [
+        *_distinct_highs(half - 1, pairs),
+        *_distinct_highs(vocab - half, pairs + reassign),
+        *_distinct_highs(pairs, reassign),
+        np.full(length, vocab),
+    ]
+    f_key, o_key, f_val, o_val, f_which, o_which, fill = _int_blocks(k_int, batch, highs)
+    keys = 1 + _distinct(f_key, o_key, half - 1)
+    values = half + _distinct(f_val, o_val, vocab - half)
     first, new = values[:, :pairs], values[:, pairs:]
-    which = _distinct(g_which, reassign)  # indices of the reassigned pairs, in write order
+    which = _distinct(f_which, o_which, pairs)  # indices of the reassigned pairs, in write order
     latest = first.at[rows, which].set(new)
     kind = jnp.zeros((batch, pairs), jnp.int32).at[rows, which].set(1)
     second = _interleave(jnp.take_along_axis(keys, which, axis=1), new)
     writes = jnp.concatenate([_interleave(keys, first), second], axis=1)
-    positions = context + 2 * _gaps(g_gap, power, pairs)
-    tokens = _filler(k_fill, (batch, length), vocab, random_filler)
+    positions = context + 2 * _gaps(jax.random.gumbel(k_gap, (batch, space)), power, pairs)
+    tokens = jnp.where(random_filler, fill, 0)
     tokens = tokens.at[:, :context].set(writes).at[rows, positions].set(keys)
     return RecallBatch(tokens, positions, latest, kind)
 
