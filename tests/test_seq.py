@@ -1,5 +1,6 @@
 """Sequence-model shell: causal attention against numpy, the model's gathers and CMS labels, the trainer."""
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -51,22 +52,27 @@ def recall_sampler(vocab: int, pairs: int, batch: int):
     return sample
 
 
+# Small one-off calls: compile without LLVM's optimisations (compilation dominates their time).
+FAST = {"xla_backend_optimization_level": 0}
+RNG = np.random.default_rng(0)  # test inputs from numpy: eager jax.random compiles per call
+
+
 def build(fn):
     """``fn()``, a module, with its parameters initialised in one compiled call (eager init compiles
     every initializer separately)."""
     graphdef = nnx.split(nnx.eval_shape(fn))[0]
-    return nnx.merge(graphdef, jax.jit(lambda: nnx.split(fn())[1])())
+    return nnx.merge(graphdef, jax.jit(lambda: nnx.split(fn())[1], compiler_options=FAST)())
 
 
 def jitted(module, method: str = "__call__"):
     """``module.method`` as one jitted function of its inputs (eager NNX compiles op by op, slowly)."""
     graphdef, state = nnx.split(module)
-    return jax.jit(lambda *args: getattr(nnx.merge(graphdef, state), method)(*args))
+    return jax.jit(lambda *args: getattr(nnx.merge(graphdef, state), method)(*args), compiler_options=FAST)
 
 
 def test_recall_sampler_by_hand():
     # Every label is the value that followed its query's key; keys are distinct within a sequence.
-    b = jax.jit(recall_sampler(16, 3, 64))(jax.random.key(0))
+    b = jax.jit(recall_sampler(16, 3, 64), compiler_options=FAST)(jax.random.key(0))
     tok, pos, lab = (np.asarray(a) for a in b)
     for row in range(64):
         keys, vals = tok[row, 0:6:2], tok[row, 1:6:2]
@@ -114,7 +120,7 @@ def numpy_attention(x, wq, wk, wv, wo, heads, rope):
 @pytest.mark.parametrize("rope", [True, False])
 def test_attention_matches_numpy_loop(rope):
     attn = build(lambda: CausalAttention(8, 2, rope=rope, rngs=nnx.Rngs(1)))
-    x = jax.random.normal(jax.random.key(2), (2, 6, 8))
+    x = jnp.asarray(RNG.normal(size=(2, 6, 8)), jnp.float32)
     w = [np.asarray(m.kernel[...], np.float64) for m in (attn.query, attn.key, attn.value, attn.out)]
     want = numpy_attention(np.asarray(x, np.float64), *w, heads=2, rope=rope)
     np.testing.assert_allclose(np.asarray(jitted(attn)(x)), want, rtol=2e-5, atol=2e-5)
@@ -122,11 +128,10 @@ def test_attention_matches_numpy_loop(rope):
 
 def test_rotary_scores_depend_on_offset_only():
     # q_t . k_s after RoPE is a function of t - s: shifting both by 3 positions leaves it unchanged.
-    q = jax.random.normal(jax.random.key(0), (1, 1, 1, 8))
-    k = jax.random.normal(jax.random.key(1), (1, 1, 1, 8))
-    seq_q = jnp.broadcast_to(q, (1, 10, 1, 8))
-    seq_k = jnp.broadcast_to(k, (1, 10, 1, 8))
-    rot = jax.jit(rotary)
+    q, k = RNG.normal(size=(2, 1, 1, 1, 8)).astype(np.float32)
+    seq_q = np.broadcast_to(q, (1, 10, 1, 8))
+    seq_k = np.broadcast_to(k, (1, 10, 1, 8))
+    rot = jax.jit(rotary, compiler_options=FAST)
     rq, rk = np.asarray(rot(seq_q))[0, :, 0], np.asarray(rot(seq_k))[0, :, 0]
     assert rq[5] @ rk[2] == pytest.approx(rq[8] @ rk[5], rel=1e-4)
     assert abs(rq[5] @ rk[2] - rq[5] @ rk[4]) > 1e-3
@@ -134,8 +139,9 @@ def test_rotary_scores_depend_on_offset_only():
 
 def test_attention_is_causal():
     attn = build(lambda: CausalAttention(16, 4, rngs=nnx.Rngs(0)))
-    x = jax.random.normal(jax.random.key(0), (2, 9, 16))
-    x2 = x.at[:, 5:].set(jax.random.normal(jax.random.key(1), (2, 4, 16)))
+    x = RNG.normal(size=(2, 9, 16)).astype(np.float32)
+    x2 = x.copy()
+    x2[:, 5:] = RNG.normal(size=(2, 4, 16))
     f = jitted(attn)
     y, y2 = np.asarray(f(x)), np.asarray(f(x2))
     np.testing.assert_array_equal(y[:, :5], y2[:, :5])
@@ -158,7 +164,7 @@ def test_attention_and_model_reject_bad_sizes():
 
 def test_logits_at_equals_full_logits_gathered():
     model = build(lambda: transformer(vocab=20, d_model=16, heads=2, rngs=nnx.Rngs(0)))
-    tokens = jax.random.randint(jax.random.key(0), (3, 7), 0, 20, jnp.int32)
+    tokens = jnp.asarray(RNG.integers(0, 20, (3, 7)), jnp.int32)
     positions = jnp.array([[0, 6], [3, 3], [5, 1]], jnp.int32)
     full = np.asarray(jitted(model)(tokens))
     want = np.stack([full[b, np.asarray(positions[b])] for b in range(3)])
@@ -181,18 +187,18 @@ def test_model_is_causal_and_channel_can_be_absent():
     assert all(layer.channel is None for layer in model.layers)
     tokens = jnp.array([[1, 2, 3, 4, 5]], jnp.int32)
     f = jitted(model)
-    y, y2 = np.asarray(f(tokens)), np.asarray(f(tokens.at[:, 3:].set(7)))
+    y, y2 = np.asarray(f(tokens)), np.asarray(f(jnp.array([[1, 2, 3, 7, 7]], jnp.int32)))
     np.testing.assert_array_equal(y[:, :3], y2[:, :3])
     assert np.abs(y[:, 3:] - y2[:, 3:]).max() > 1e-4
 
 
 def test_cms_channel_against_numpy_and_one_level_is_the_mlp():
-    x = jax.random.normal(jax.random.key(0), (2, 3, 4))
+    x = jnp.asarray(RNG.normal(size=(2, 3, 4)), jnp.float32)
     cms = build(lambda: CMSChannel(4, 6, 2, rngs=nnx.Rngs(0)))
 
     def np_block(blk, h):
         u = h @ np.asarray(blk.up.kernel[...]) + np.asarray(blk.up.bias[...])
-        g = np.asarray(jax.nn.gelu(jnp.asarray(u)))  # the same GELU (tanh approximation)
+        g = 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u**3)))  # GELU, tanh form
         return g @ np.asarray(blk.down.kernel[...]) + np.asarray(blk.down.bias[...])
 
     h0 = np.asarray(x)
@@ -240,7 +246,7 @@ def test_telemetry_collects_the_mixers_statistics_per_layer():
     tokens = jnp.array([[1, 2, 3], [4, 5, 6]], jnp.int32)
     graphdef, state = nnx.split(model)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=FAST)
     def probe(tokens):
         m = nnx.merge(graphdef, state)
         h1 = m.layers[0](m.embed(tokens))
@@ -265,7 +271,7 @@ def test_query_loss_by_hand():
     # Two valid queries, one padding (-1). Logits [0, ln 3] -> softmax [1/4, 3/4].
     logits = jnp.log(jnp.array([[[1.0, 3.0], [1.0, 3.0], [5.0, 1.0]]]))
     labels = jnp.array([[1, 0, -1]], jnp.int32)
-    loss, acc = jax.jit(query_loss)(logits, labels)
+    loss, acc = jax.jit(query_loss, compiler_options=FAST)(logits, labels)
     assert float(loss) == pytest.approx((-np.log(0.75) - np.log(0.25)) / 2, rel=1e-6)
     assert float(acc) == pytest.approx(0.5)
 
@@ -290,40 +296,33 @@ def test_trainer_rejects_bad_config():
         SeqTrainer(lambda r: nnx.Linear(2, 2, rngs=r), optax.sgd(0.1), recall_sampler(8, 2, 2), steps=1)
 
 
-def test_transformer_learns_recall_and_a_huge_rate_diverges_alone():
-    # One program, two runs: seed 0 with Adam 5e-3 learns the tiny MQAR (8-token keys, 3 pairs);
-    # seed 1 with learning rate 1e8 diverges. Measured: run 0 reaches ~1.0 by step 1000 (chance 1/8).
+def test_transformer_learns_recall_in_one_compiled_chunk():
+    # A d=32 Transformer with Adam 5e-3 learns the tiny MQAR (keys from 7 ids, 3 pairs, chance 1/8).
+    # Measured: training accuracy ~0.96 averaged over steps 500-750, ~1.0 after; loss 1.1 -> ~0.
     sample = recall_sampler(vocab=16, pairs=3, batch=32)
-    tx = optax.inject_hyperparams(optax.adam)(learning_rate=5e-3)
     trainer = SeqTrainer(
         lambda r: transformer(vocab=16, d_model=32, n_layers=2, heads=4, rngs=r),
-        tx,
+        optax.adam(5e-3),
         sample,
-        steps=1000,
-        chunk=250,
+        steps=800,
+        chunk=200,
         eval_batches=4,
     )
     logs = []
     with jax.numpy_dtype_promotion("standard"):  # optax.adam mixes weak and strong types
-        res = trainer.run_seeds([0, 1], hparams={"learning_rate": [5e-3, 1e8]}, log=logs.append)
+        res = trainer.run_seeds([0], log=logs.append)
     assert trainer.n_traces == 1  # four chunks, one compilation
-    assert [d["step"] for d in logs] == [250, 500, 750, 1000]
+    assert [d["step"] for d in logs] == [200, 400, 600, 800]
+    assert res["curve_step"].tolist() == [200, 400, 600, 800]
     assert res["eval_acc"][0] > 0.9
-    assert res["curve_loss"][0, -1] < 0.5 * res["curve_loss"][0, 0]
-    assert res["diverged_step"][0] == -1 and 0 <= res["diverged_step"][1] < 1000
-    assert res["diverged"].tolist() == [False, True]
-    assert logs[-1]["diverged"].tolist() == [False, True]
-    # The diverged run is frozen: finite parameters, NaN losses from its divergence on.
-    d = res["diverged_step"][1]
-    params1 = jax.tree.map(lambda x: x[1], res["state"].params)
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params1))
-    assert np.isnan(res["loss"][1, d + 1 :]).all() and np.isnan(res["curve_loss"][1, -1])
-    mean, left = finite_mean(res["eval_acc"], res["diverged"])
-    assert left == 1 and mean == res["eval_acc"][0]
+    assert res["curve_loss"][0, -1] < 0.2 * res["curve_loss"][0, 0]
+    np.testing.assert_allclose(res["curve_loss"][0], res["loss"][0].reshape(4, 200).mean(1), rtol=1e-6)
+    assert res["diverged_step"].tolist() == [-1] and not res["diverged"].any()
 
 
-def test_vmapped_seeds_equal_single_runs_and_cms_periods_hold():
-    # HOPE-attention with the CMS rule: block 0 every step, block 1 every 4 steps (at steps 3, 7).
+def test_vmapped_seeds_equal_single_runs_divergence_and_cms_periods():
+    # HOPE-attention-like model (attention with telemetry, CMS channel of 2 levels) under the CMS rule:
+    # block 0 every step, block 1 every 4 steps (applied at steps 3 and 7).
     class Probe(nnx.Module):
         def __init__(self, d, rngs):
             self.attn = CausalAttention(d, 2, rngs=rngs)
@@ -344,9 +343,10 @@ def test_vmapped_seeds_equal_single_runs_and_cms_periods_hold():
         rngs=r,
     )
     sample = recall_sampler(vocab=8, pairs=2, batch=4)
+    tx = cms_optimizer(optax.inject_hyperparams(optax.adam)(learning_rate=1e-2), (1, 4))
     trainer = SeqTrainer(
         model_fn,
-        cms_optimizer(optax.adam(1e-2), (1, 4)),
+        tx,
         sample,
         steps=8,
         chunk=2,
@@ -354,31 +354,49 @@ def test_vmapped_seeds_equal_single_runs_and_cms_periods_hold():
         telemetry=True,
         compiler_options={"xla_backend_optimization_level": 0},  # 8 steps: compilation dominates
     )
+    blocks = lambda params: params["layers"][0]["channel"]["blocks"]
+    kernel = lambda params, level: np.asarray(blocks(params)[level]["up"]["kernel"][...])
     with jax.numpy_dtype_promotion("standard"):  # optax.adam mixes weak and strong types
-        both = trainer.run_seeds([3, 4])
-        alone = trainer.run_seeds([4])
-        # Step by step: block 1 stays at its initial value for steps 0..2 and moves at step 3.
-        state = trainer.init([4])
-        init_block1 = np.asarray(state.params["layers"][0]["channel"]["blocks"][1]["up"]["kernel"][...])
-        init_block0 = np.asarray(state.params["layers"][0]["channel"]["blocks"][0]["up"]["kernel"][...])
-        state, _ = trainer.run_chunk(state, [4])  # steps 0, 1
+        both = trainer.run_seeds([3, 4], hparams={"learning_rate": [1e-2, 1e30]})
+        alone = trainer.run_seeds([3], hparams={"learning_rate": [1e-2]})
+        # Step by step: block 1 keeps its initial value for steps 0..2 and moves at step 3.
+        state = trainer.init([3], hparams={"learning_rate": [1e-2]})
+        init = jax.tree.map(np.asarray, state.params)
+        state, _ = trainer.run_chunk(state, [3])  # steps 0, 1
         after2 = jax.tree.map(np.asarray, state.params)
-        state, _ = trainer.run_chunk(state, [4])  # steps 2, 3
+        state, _ = trainer.run_chunk(state, [3])  # steps 2, 3
         after4 = jax.tree.map(np.asarray, state.params)
-    assert trainer.n_traces == 2  # one compilation per number of runs (2, then 1)
-    np.testing.assert_allclose(both["loss"][1], alone["loss"][0], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(both["eval_acc"][1], alone["eval_acc"][0], rtol=1e-6)
+        init4 = jax.tree.map(np.asarray, trainer.init([4], hparams={"learning_rate": [1e30]}).params)
+    assert trainer.n_traces == 2  # one compilation per number of runs (2, then 1), whatever the chunks
+
+    # Run 0 of the pair equals the same seed run alone.
+    np.testing.assert_allclose(both["loss"][0], alone["loss"][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(both["eval_acc"][0], alone["eval_acc"][0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(both["state"].params), jax.tree.leaves(alone["state"].params)):
-        np.testing.assert_allclose(np.asarray(a)[1], np.asarray(b)[0], rtol=1e-5, atol=1e-6)
-    assert np.abs(both["loss"][0] - both["loss"][1]).max() > 1e-4  # the seeds are different runs
-    blocks2 = after2["layers"][0]["channel"]["blocks"]
-    blocks4 = after4["layers"][0]["channel"]["blocks"]
-    np.testing.assert_array_equal(blocks2[1]["up"]["kernel"][...], init_block1)
-    assert np.abs(blocks2[0]["up"]["kernel"][...] - init_block0).max() > 0
-    assert np.abs(blocks4[1]["up"]["kernel"][...] - init_block1).max() > 0
+        np.testing.assert_allclose(np.asarray(a)[0], np.asarray(b)[0], rtol=1e-5, atol=1e-6)
+
+    # Run 1 (learning rate 1e30) diverges at step 0: Adam's first update is about lr * sign(g) per entry,
+    # so its squared norm (~1e60 n) overflows float32 to inf; the update is not applied and the run stays
+    # frozen at its initial parameters for good, with NaN losses after step 0.
+    assert both["diverged_step"].tolist() == [-1, 0]
+    assert both["diverged"].tolist() == [False, True]
+    for a, b in zip(jax.tree.leaves(both["state"].params), jax.tree.leaves(init4)):
+        np.testing.assert_array_equal(np.asarray(a)[1], b[0])
+    assert np.isfinite(both["loss"][1, 0]) and np.isnan(both["loss"][1, 1:]).all()
+    assert np.isfinite(both["loss"][0]).all()
+    mean, left = finite_mean(both["eval_acc"], both["diverged"])
+    assert left == 1 and mean == both["eval_acc"][0]
+    mean, left = finite_mean(both["curve_loss"], both["diverged"])
+    np.testing.assert_array_equal(mean, both["curve_loss"][0])
+
+    # The CMS periods hold through the trainer.
+    np.testing.assert_array_equal(kernel(after2, 1), kernel(init, 1))
+    assert np.abs(kernel(after2, 0) - kernel(init, 0)).max() > 0
+    assert np.abs(kernel(after4, 1) - kernel(init, 1)).max() > 0
+
     # Telemetry: one value per chunk, the last equal to the model on the telemetry batch of step 8.
     assert both["telemetry"]["layer0/out_rms"].shape == (2, 4)
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(4), 3), 8)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(3), 3), 8)
     params = jax.tree.map(lambda x: x[0], alone["state"].params)
     want = jax.jit(lambda p, k: trainer.apply(p).telemetry(sample(k).tokens))(params, key)["layer0/out_rms"]
     assert alone["telemetry"]["layer0/out_rms"][0, -1] == pytest.approx(float(want), rel=1e-5)
