@@ -90,6 +90,9 @@ class SeqTrainer:
     training batches from ``fold_in(key, 1)``, evaluation from ``fold_in(key, 2)`` and telemetry from
     ``fold_in(key, 3)``, so evaluation batches are never training batches (up to sampler collisions).
 
+    Built on ``lax.scan``, ``vmap`` and optax, in the shape of :class:`nestlearn.meta.MetaTrainer`
+    (chunks of steps in one ``jit``, the state donated between chunks, ``diverged_step`` recorded).
+
     Args:
       model_fn: ``model_fn(rngs) -> SequenceModel`` (anything with ``logits_at``; ``telemetry`` optional).
       optimizer: any ``optax.GradientTransformation`` over the model's ``nnx.Param`` state, e.g.
@@ -102,6 +105,10 @@ class SeqTrainer:
       telemetry: keyword-only; record ``model.telemetry(tokens)`` on one batch at the end of every chunk
         (needs a model with ``telemetry``; default ``False``).
       compiler_options: keyword-only; passed to ``jax.jit`` for the chunk.
+
+    Attributes:
+      n_traces: how many times the chunk has been traced; it grows only when a new number of runs (or
+        new shapes) forces a recompilation, never from one chunk to the next.
 
     Example:
       >>> trainer = SeqTrainer(lambda rngs: transformer(vocab=64, d_model=32, rngs=rngs),
@@ -349,13 +356,20 @@ class SeqTrainer:
     def _keys(seeds: Sequence[int]) -> PRNGKeyArray:
         return jnp.stack([jax.random.key(int(s)) for s in seeds])
 
-    @staticmethod
-    def _hparams(hparams: Mapping[str, Sequence[float]] | None, n: int) -> dict[str, Array]:
+    def _hparams(self, hparams: Mapping[str, Sequence[float]] | None, n: int) -> dict[str, Array]:
         out = {}
+        if hparams:
+            abstract_params = nnx.split(jax.eval_shape(lambda: self.model_fn(nnx.Rngs(0))), nnx.Param, ...)[1]
+            abstract_state = jax.eval_shape(self.optimizer.init, abstract_params)
         for name, values in (hparams or {}).items():
             values = np.asarray(values, np.float32)
             if values.shape != (n,):
                 raise ValueError(f"hparams[{name!r}] needs one value per run ({n}), got shape {values.shape}")
+            if not optax.tree_utils.tree_get_all_with_path(abstract_state, name):
+                raise ValueError(
+                    f"hparams names {name!r}, which the optimizer's state does not hold "
+                    "(build the optimizer with optax.inject_hyperparams)"
+                )
             out[name] = jnp.asarray(values)
         return out
 
