@@ -16,6 +16,7 @@ from nestlearn.nn import (
     memory_chunked,
     memory_scan,
 )
+from nestlearn.nn._assoc import unit_lower_inverse
 
 
 def _inputs(t, d=6, seed=0):
@@ -219,3 +220,11 @@ def test_bad_specs_name_the_field():
     q = jnp.ones((3, 2))
     with pytest.raises(ValueError, match="beta"):
         memory_chunked(spec, initial_state(spec, (jnp.zeros((2, 2)),)), q, q, q, jnp.ones(3), jnp.ones(3))
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 24])
+def test_unit_lower_inverse_matches_numpy(n):
+    # n = 5 and 24 are padded to 8 and 32 internally; entries of size 0.3 keep the inverse well scaled
+    rng = np.random.default_rng(n)
+    m = np.tril(0.3 * rng.normal(size=(3, n, n)), -1) + np.eye(n)
+    np.testing.assert_allclose(unit_lower_inverse(jnp.asarray(m, jnp.float32)), np.linalg.inv(m), atol=2e-5)

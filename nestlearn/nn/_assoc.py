@@ -55,7 +55,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.scipy.linalg import solve_triangular
 from jaxtyping import Array, Float
 
 _TINY = 1e-30  # retention is floored here before its log, so a gate of exactly 0 stays finite
@@ -227,38 +226,83 @@ def token_write(spec: MemorySpec, weights, momentum, base, k: Array, v: Array, l
 
 
 def _decay_matrix(log_gate: Array) -> Array:
-    """``E[i, j] = prod_{l=j+1..i} gate_l`` for ``j <= i``, else 0, from the cumulative log gate."""
-    c = jnp.cumsum(log_gate)
-    n = c.shape[0]
+    """``E[..., i, j] = prod_{l=j+1..i} gate_l`` for ``j <= i``, else 0, from the cumulative log gate."""
+    c = jnp.cumsum(log_gate, axis=-1)
+    n = c.shape[-1]
     lower = jnp.tril(jnp.ones((n, n), bool))
-    return jnp.exp(jnp.where(lower, c[:, None] - c[None, :], -jnp.inf))
+    return jnp.exp(jnp.where(lower, c[..., :, None] - c[..., None, :], -jnp.inf))
 
 
 def _coefficients(log_a: Array, log_b: Array | None):
-    """``(a, s, c, sb, eb)``: the chunk recurrence unrolled (see the module docstring).
+    """``(a, s, c, sb, eb)``: the chunk recurrence unrolled (see the module docstring); any leading axes.
 
     ``a[i]`` multiplies M_0, ``s[i]`` multiplies S_0 and ``c[i, j]`` the update u_j in M_i; ``sb[i]`` and
     ``eb[i, j]`` are the same for the momentum S_i.
     """
     ea = _decay_matrix(log_a)
-    a = jnp.exp(jnp.cumsum(log_a))
+    a = jnp.exp(jnp.cumsum(log_a, axis=-1))
     if log_b is None:
         return a, None, ea, None, None
     eb = _decay_matrix(log_b)
-    sb = jnp.exp(jnp.cumsum(log_b))
-    return a, ea @ sb, ea @ eb, sb, eb
+    sb = jnp.exp(jnp.cumsum(log_b, axis=-1))
+    return a, (ea @ sb[..., None])[..., 0], ea @ eb, sb, eb
 
 
 def _shift_down(x: Array, first: float) -> Array:
-    """Row i of the result is row i-1 of ``x``; row 0 is ``first``."""
-    head = jnp.full((1, *x.shape[1:]), first, x.dtype)
-    return jnp.concatenate([head, x[:-1]], axis=0)
+    """Along axis -2 for matrices (-1 for vectors): row i of the result is row i-1 of ``x``; row 0 is ``first``."""
+    axis = x.ndim - 2 if x.ndim >= 2 else 0
+    head = jnp.full_like(jax.lax.slice_in_dim(x, 0, 1, axis=axis), first)
+    return jnp.concatenate([head, jax.lax.slice_in_dim(x, 0, x.shape[axis] - 1, axis=axis)], axis=axis)
 
 
-def _chunk(spec: MemorySpec, state: MemoryState, chunk_inputs, last: Array):
+def unit_lower_inverse(m: Float[Array, "... n n"]) -> Float[Array, "... n n"]:
+    r"""The inverse of unit lower-triangular matrices by recursive doubling, in matrix products only.
+
+    For :math:`L = \begin{pmatrix} A & 0 \\ C & D \end{pmatrix}`,
+    :math:`L^{-1} = \begin{pmatrix} A^{-1} & 0 \\ -D^{-1} C A^{-1} & D^{-1} \end{pmatrix}`: the diagonal
+    blocks of size 1, 2, 4, ... are inverted level by level, all blocks of a level in one batched product.
+    It is the classic recursive triangular inversion (as stable as forward substitution). It replaces
+    ``jax.scipy.linalg.solve_triangular``, which XLA runs about 80x slower on CPU for batches of small
+    matrices (measured: 64 systems of 64 x 64, 684 ms against 8 ms).
+    """
+    n = m.shape[-1]
+    size = 1 << (n - 1).bit_length()
+    batch = m.shape[:-2]
+    if size != n:  # pad to a power of two with an identity block
+        eye = jnp.eye(size, dtype=m.dtype)
+        m = jnp.broadcast_to(eye, (*batch, size, size)).at[..., :n, :n].set(m)
+    blocks = jnp.ones((*batch, size, 1, 1), m.dtype)  # the inverse's diagonal blocks, size s
+    s = 1
+    while s < size:
+        nb = size // (2 * s)
+        grid = m.reshape(*batch, nb, 2, s, nb, 2, s)
+        sub = jnp.moveaxis(jnp.diagonal(grid[..., :, 1, :, :, 0, :], axis1=-4, axis2=-2), -1, -3)
+        pairs = blocks.reshape(*batch, nb, 2, s, s)
+        a_inv, d_inv = pairs[..., 0, :, :], pairs[..., 1, :, :]
+        lower = -(d_inv @ sub @ a_inv)
+        top = jnp.concatenate([a_inv, jnp.zeros_like(a_inv)], axis=-1)
+        blocks = jnp.concatenate([top, jnp.concatenate([lower, d_inv], axis=-1)], axis=-2)
+        s *= 2
+    return blocks[..., 0, :n, :n]
+
+
+def _prepare(spec: MemorySpec, k: Array, lr: Array, log_a: Array, log_b: Array):
+    """What a chunk needs that does not depend on the state: coefficients and, for the online delta rule,
+    the inverse of the chunk's triangular system. Any leading axes (all chunks at once)."""
+    coeffs = _coefficients(log_a, log_b if spec.momentum else None)
+    if not spec.exact_online:
+        return coeffs, None
+    c = coeffs[2]
+    kk = k @ jnp.swapaxes(k, -1, -2)
+    coupling = _shift_down(c, 0.0) * lr[..., None, :] * kk  # strictly lower triangular
+    eye = jnp.eye(k.shape[-2], dtype=k.dtype)
+    return coeffs, unit_lower_inverse(jnp.broadcast_to(eye, coupling.shape) + coupling)
+
+
+def _chunk(spec: MemorySpec, state: MemoryState, chunk_inputs, last: Array, prepared=None):
     """One chunk: outputs of every token, the state after token ``last``, and each token's surprise."""
     q, k, v, lr, log_a, log_b = chunk_inputs
-    a, s, c, sb, eb = _coefficients(log_a, log_b if spec.momentum else None)
+    (a, s, c, sb, eb), inverse = _prepare(spec, k, lr, log_a, log_b) if prepared is None else prepared
     w0, s0 = state.weights, state.momentum
 
     if spec.exact_online:  # delta rule, linear memory: residuals depend on this chunk's earlier writes
@@ -266,10 +310,7 @@ def _chunk(spec: MemorySpec, state: MemoryState, chunk_inputs, last: Array):
         rhs = _shift_down(a, 1.0)[:, None] * (k @ w) - v
         if spec.momentum:
             rhs = rhs + _shift_down(s, 0.0)[:, None] * (k @ s0[0])
-        coupling = _shift_down(c, 0.0) * lr[None, :] * (k @ k.T)  # strictly lower triangular
-        eye = jnp.eye(k.shape[0], dtype=k.dtype)
-        r = solve_triangular(eye + coupling, rhs, lower=True, unit_diagonal=True)
-        signals = ((k, r),)
+        signals = ((k, inverse @ rhs),)
     else:
         signals = _signals(spec, w0, k, v)
     if spec.stop_write_grad:
@@ -340,12 +381,15 @@ def memory_chunked(
     last = jnp.full((chunks,), size - 1, jnp.int32).at[-1].set((n - 1) % size)
 
     def body(st, inputs):
-        *chunk_inputs, lst = inputs
-        out, st, surprise = _chunk(spec, st, chunk_inputs, lst)
+        *chunk_inputs, lst, prepared = inputs
+        out, st, surprise = _chunk(spec, st, chunk_inputs, lst, prepared)
         return st, (out, surprise)
 
-    xs = tuple(split(x) for x in (q, k, v, lr, log_a, log_b)) + (last,)
-    state, (out, surprise) = jax.lax.scan(body, state, xs)
+    chunk_inputs = tuple(split(x) for x in (q, k, v, lr, log_a, log_b))
+    prepared = _prepare(
+        spec, chunk_inputs[1], chunk_inputs[3], chunk_inputs[4], chunk_inputs[5]
+    )  # all chunks
+    state, (out, surprise) = jax.lax.scan(body, state, (*chunk_inputs, last, prepared))
     out = out.reshape(chunks * size, -1)[:n]
     return out, state, {"surprise": surprise.reshape(-1)[:n]}
 
@@ -553,7 +597,9 @@ def memory_statistics(aux: dict[str, Array], update_norm: Array) -> dict[str, Ar
             stats[f"{name}_min"] = jnp.min(aux[name])
     s = aux["surprise"]
     finite = jnp.isfinite(s)
-    stats["surprise_mean"] = jnp.sum(jnp.where(finite, s, 0.0)) / jnp.maximum(jnp.sum(finite), 1).astype(s.dtype)
+    stats["surprise_mean"] = jnp.sum(jnp.where(finite, s, 0.0)) / jnp.maximum(jnp.sum(finite), 1).astype(
+        s.dtype
+    )
     stats["surprise_max"] = jnp.max(jnp.where(finite, s, 0.0))
     stats["update_norm"] = jnp.mean(update_norm)
     bad = aux["diverged_at"]
