@@ -192,7 +192,7 @@ def test_diverging_inner_loop_is_reported_with_its_token():
     first_bad = int(np.argmax(~np.all(np.isfinite(np.asarray(out_scan)), axis=1)))
     assert 5 < first_bad < t
     mem = AssociativeMemory(
-        2, heads=1, normalize=False, gate=False, lr_from_input=False, chunk=8, rngs=nnx.Rngs(0)
+        2, heads=1, normalize=False, gate=False, lr_from_input=False, conv=0, chunk=8, rngs=nnx.Rngs(0)
     )
     mem.q.kernel[...] = mem.k.kernel[...] = jnp.eye(2)
     mem.v.kernel[...] = jnp.zeros((2, 2))

@@ -2,8 +2,10 @@
 
 from nestlearn.nn._assoc import (
     AssociativeMemory,
+    LayerState,
     MemorySpec,
     MemoryState,
+    ShortConv,
     initial_state,
     inner_loss,
     memory_apply,
@@ -63,8 +65,10 @@ __all__ += [
 ]
 __all__ += [
     "AssociativeMemory",
+    "LayerState",
     "MemorySpec",
     "MemoryState",
+    "ShortConv",
     "SelfModifyingMemory",
     "initial_state",
     "inner_loss",

@@ -449,6 +449,48 @@ def run_memory(spec: MemorySpec, path: str, state: MemoryState, q, k, v, lr, ret
     return jnp.swapaxes(out, 1, 2), state, jnp.swapaxes(surprise, 1, 2)
 
 
+class ShortConv(nnx.Module):
+    r"""A depthwise causal convolution over time, :math:`y_t = \mathrm{silu}(\sum_{j<K} w_j \odot x_{t-j})`.
+
+    The short convolution that DeltaNet, Mamba and Titans put on their queries, keys and values: it lets a
+    position see the few tokens before it, which a memory without positional encoding cannot otherwise
+    do (MQAR needs the key next to each value). Its state is the last ``K - 1`` inputs, carried across
+    calls like the memory.
+
+    Args:
+      width: channels.
+      kernel: taps ``K`` (>= 1).
+      rngs: random streams (weights uniform in ±1/sqrt(K), PyTorch's default for a depthwise conv).
+    """
+
+    def __init__(self, width: int, kernel: int, *, rngs: nnx.Rngs) -> None:
+        if kernel < 1:
+            raise ValueError(f"conv kernel must be >= 1, got {kernel}")
+        bound = 1.0 / math.sqrt(kernel)
+        self.weight = nnx.Param(
+            jax.random.uniform(rngs.params(), (kernel, width), minval=-bound, maxval=bound)
+        )
+        self.kernel, self.width = kernel, width
+
+    def init_tail(self, batch: int) -> Array:
+        """The state at a reset: ``K - 1`` zero inputs."""
+        return jnp.zeros((batch, self.kernel - 1, self.width))
+
+    def __call__(self, x: Float[Array, "batch T c"], tail: Array) -> tuple[Float[Array, "batch T c"], Array]:
+        t = x.shape[1]
+        xp = jnp.concatenate([tail, x], axis=1)
+        w = self.weight[...]
+        out = sum(xp[:, j : j + t] * w[None, None, self.kernel - 1 - j] for j in range(self.kernel))
+        return jax.nn.silu(out), xp[:, xp.shape[1] - (self.kernel - 1) :]
+
+
+class LayerState(flax.struct.PyTreeNode):
+    """A memory layer's state: its memory (or memories) and the short convolution's last inputs."""
+
+    memory: object
+    tail: Array | None = None
+
+
 class AssociativeMemory(nnx.Module):
     r"""A causal sequence layer whose state is an associative memory learning in context (multi-head).
 
@@ -469,6 +511,7 @@ class AssociativeMemory(nnx.Module):
       lr_from_input: make the rate a per-token gate of the input; else constant ``lr``.
       gate: a per-token retention gate from the input (initialised near 1); else no forgetting.
       normalize: L2-normalise queries and keys (keeps the delta rule stable for ``lr <= 1``).
+      conv: taps of the :class:`ShortConv` on queries, keys and values (0: none).
       path: ``"chunk"`` (chunkwise parallel) or ``"token"`` (per-token scan); the results agree.
       rngs: random streams for the parameters.
 
@@ -476,7 +519,7 @@ class AssociativeMemory(nnx.Module):
       >>> mem = AssociativeMemory(16, heads=2, rngs=nnx.Rngs(0))
       >>> x = jnp.ones((3, 10, 16))
       >>> y, state, aux = mem.apply(x, mem.init_state(3))
-      >>> y.shape, state.weights[0].shape
+      >>> y.shape, state.memory.weights[0].shape
       ((3, 10, 16), (3, 2, 8, 8))
     """
 
@@ -497,6 +540,7 @@ class AssociativeMemory(nnx.Module):
         lr_from_input: bool = True,
         gate: bool = True,
         normalize: bool = True,
+        conv: int = 4,
         path: str = "chunk",
         rngs: nnx.Rngs,
     ) -> None:
@@ -514,6 +558,7 @@ class AssociativeMemory(nnx.Module):
         self.v = nnx.Linear(d_model, width, use_bias=False, rngs=rngs)
         self.o = nnx.Linear(width, d_model, use_bias=False, rngs=rngs)
         self.norm = nnx.RMSNorm(d_head, rngs=rngs)
+        self.conv = ShortConv(3 * width, conv, rngs=rngs) if conv else None
         small = nnx.initializers.normal(0.02)
         if lr_from_input:
             self.lr_proj = nnx.Linear(d_model, heads, kernel_init=small, rngs=rngs)
@@ -536,10 +581,11 @@ class AssociativeMemory(nnx.Module):
             return (self.w_init[...],)
         return (self.w_init[...], self.w2_init[...])
 
-    def init_state(self, batch: int) -> MemoryState:
+    def init_state(self, batch: int) -> LayerState:
         """The memory reset to its (meta-learned) initial state, for ``batch`` sequences."""
         weights = tuple(jnp.broadcast_to(w, (batch, *w.shape)) for w in self._init_weights())
-        return initial_state(self.spec, weights)
+        tail = self.conv.init_tail(batch) if self.conv is not None else None
+        return LayerState(initial_state(self.spec, weights), tail)
 
     def gates(self, x: Float[Array, "batch T d"]) -> tuple[Array, Array, Array | None]:
         """Per-token learning rate, retention and momentum rate, each ``[batch, T, heads]``."""
@@ -550,8 +596,8 @@ class AssociativeMemory(nnx.Module):
         return lr, retention, beta
 
     def apply(
-        self, x: Float[Array, "batch T d"], state: MemoryState | None = None
-    ) -> tuple[Float[Array, "batch T d"], MemoryState, dict[str, Array]]:
+        self, x: Float[Array, "batch T d"], state: LayerState | None = None
+    ) -> tuple[Float[Array, "batch T d"], LayerState, dict[str, Array]]:
         """Read and write a sequence, starting from ``state`` (default: a reset); carry the result onward.
 
         Returns ``(y, state, aux)``; ``aux`` holds per-token ``surprise``, ``lr``, ``retention`` (and
@@ -561,11 +607,16 @@ class AssociativeMemory(nnx.Module):
         b, t, _ = x.shape
         state = self.init_state(b) if state is None else state
         split = lambda z: z.reshape(b, t, self.heads, self.d_head)  # noqa: E731
-        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        qkv = jnp.concatenate([self.q(x), self.k(x), self.v(x)], axis=-1)
+        tail = state.tail
+        if self.conv is not None:
+            qkv, tail = self.conv(qkv, tail)
+        q, k, v = (split(z) for z in jnp.split(qkv, 3, axis=-1))
         if self.normalize:
             q, k = _l2_normalize(q), _l2_normalize(k)
         lr, retention, beta = self.gates(x)
-        out, state, surprise = run_memory(self.spec, self.path, state, q, k, v, lr, retention, beta)
+        out, memory, surprise = run_memory(self.spec, self.path, state.memory, q, k, v, lr, retention, beta)
+        state = LayerState(memory, tail)
         aux = {"surprise": surprise, "lr": lr, "retention": retention, "diverged_at": _first_nonfinite(out)}
         if beta is not None:
             aux["beta"] = beta
@@ -579,7 +630,9 @@ class AssociativeMemory(nnx.Module):
         start = self.init_state(x.shape[0])
         y, end, aux = self.apply(x, start)
         update = jnp.sqrt(
-            sum(jnp.sum((e - s) ** 2, axis=(-2, -1)) for e, s in zip(end.weights, start.weights))
+            sum(
+                jnp.sum((e - s) ** 2, axis=(-2, -1)) for e, s in zip(end.memory.weights, start.memory.weights)
+            )
         )
         return y, memory_statistics(aux, update)
 

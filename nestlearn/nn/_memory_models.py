@@ -172,20 +172,24 @@ def state_size(model: SequenceModel, length: int) -> int:
     """Floats of recurrent state the model carries per sequence after ``length`` tokens, over all layers.
 
     A matrix memory holds ``heads * d_head^2`` (plus as much momentum), an MLP memory its two weight
-    matrices per head, self-modifying Titans five MLP memories; softmax attention's state is its key-value
+    matrices per head, self-modifying Titans five MLP memories, and each short convolution its last
+    inputs; softmax attention's state is its key-value
     cache, ``2 * length * d_model``, which grows with the sequence (Zoology's convention for the x axis
     of recall against state size).
     """
     total = 0
     for layer in model.layers:
         mixer = layer.mixer
-        if isinstance(mixer, AssociativeMemory):
-            per = sum(w[0].size for w in mixer.init_state(1).weights)
+        if isinstance(mixer, AssociativeMemory | SelfModifyingMemory):
+            state = mixer.init_state(1)
+            memories = (
+                [state.memory]
+                if isinstance(mixer, AssociativeMemory)
+                else [state.memory[n] for n in MEMORIES]
+            )
+            per = sum(w[0].size for m in memories for w in m.weights)
             total += per * (2 if mixer.spec.momentum else 1)
-        elif isinstance(mixer, SelfModifyingMemory):
-            states = mixer.init_state(1)
-            per = sum(w[0].size for name in MEMORIES for w in states[name].weights)
-            total += per * (2 if mixer.spec.momentum else 1)
+            total += 0 if state.tail is None else state.tail[0].size
         elif isinstance(mixer, CausalAttention):
             total += 2 * length * mixer.query.in_features
         else:

@@ -34,8 +34,10 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from nestlearn.nn._assoc import (
+    LayerState,
     MemorySpec,
     MemoryState,
+    ShortConv,
     _chunk,
     _first_nonfinite,
     _l2_normalize,
@@ -62,6 +64,7 @@ class SelfModifyingMemory(nnx.Module):
       momentum_rate: ... with this rate.
       lr: the largest inner learning rate.
       stop_write_grad: treat in-context writes as constants for the outer gradient.
+      conv: taps of the short convolution on the projections (:class:`~nestlearn.nn.ShortConv`; 0: none).
       path: ``"chunk"`` or ``"token"``.
       rngs: random streams.
 
@@ -83,6 +86,7 @@ class SelfModifyingMemory(nnx.Module):
         momentum_rate: float = 0.9,
         lr: float = 0.1,
         stop_write_grad: bool = False,
+        conv: int = 4,
         path: str = "chunk",
         rngs: nnx.Rngs,
     ) -> None:
@@ -99,6 +103,7 @@ class SelfModifyingMemory(nnx.Module):
         )
         self.o = nnx.Linear(width, d_model, use_bias=False, rngs=rngs)
         self.norm = nnx.RMSNorm(d_head, rngs=rngs)
+        self.conv = ShortConv(5 * width, conv, rngs=rngs) if conv else None
         self.lr_read = nnx.Param(0.02 * jax.random.normal(rngs.params(), (heads, d_head)))
         self.lr_bias = nnx.Param(jnp.zeros((heads,)))
         self.gate_read = nnx.Param(0.02 * jax.random.normal(rngs.params(), (heads, d_head)))
@@ -114,8 +119,12 @@ class SelfModifyingMemory(nnx.Module):
         w = self.inits[name][...]
         return w[0], jnp.swapaxes(w[1], 1, 2)
 
-    def init_state(self, batch: int) -> dict[str, MemoryState]:
+    def init_state(self, batch: int) -> LayerState:
         """Every memory reset to its meta-learned initial state, for ``batch`` sequences."""
+        tail = self.conv.init_tail(batch) if self.conv is not None else None
+        return LayerState(self._init_memories(batch), tail)
+
+    def _init_memories(self, batch: int) -> dict[str, MemoryState]:
         return {
             name: initial_state(
                 self.spec, tuple(jnp.broadcast_to(w, (batch, *w.shape)) for w in self._weights(name))
@@ -124,8 +133,8 @@ class SelfModifyingMemory(nnx.Module):
         }
 
     def apply(
-        self, x: Float[Array, "batch T d"], state: dict[str, MemoryState] | None = None
-    ) -> tuple[Float[Array, "batch T d"], dict[str, MemoryState], dict[str, Array]]:
+        self, x: Float[Array, "batch T d"], state: LayerState | None = None
+    ) -> tuple[Float[Array, "batch T d"], LayerState, dict[str, Array]]:
         """Read and write a sequence from ``state`` (default: a reset). Returns ``(y, state, aux)``.
 
         ``aux`` holds per-token ``surprise`` (the main memory's), ``lr``, ``retention`` (each
@@ -133,16 +142,24 @@ class SelfModifyingMemory(nnx.Module):
         """
         b, t, _ = x.shape
         state = self.init_state(b) if state is None else state
+        names = ("q", *GENERATORS)
+        joint = jnp.concatenate([self.proj[name](x) for name in names], axis=-1)
+        tail = state.tail
+        if self.conv is not None:
+            joint, tail = self.conv(joint, tail)
         proj = {
-            name: jnp.swapaxes(self.proj[name](x).reshape(b, t, self.heads, self.d_head), 1, 2)
-            for name in ("q", *GENERATORS)
+            name: jnp.swapaxes(z.reshape(b, t, self.heads, self.d_head), 1, 2)
+            for name, z in zip(names, jnp.split(joint, len(names), axis=-1))
         }  # each [batch, heads, T, d_head]
-        proj = {name: _l2_normalize(z) for name, z in proj.items()}  # unit-norm memory inputs keep writes bounded
+        proj = {
+            name: _l2_normalize(z) for name, z in proj.items()
+        }  # unit-norm memory inputs keep writes bounded
         q = proj.pop("q")
         reads = (self.lr_read[...], self.lr_bias[...], self.gate_read[...], self.gate_bias[...])
         fn = self._chunked if self.path == "chunk" else self._scanned
         per_head = jax.vmap(fn)  # state, query, projections and read-outs all lead with heads
-        out, state, aux = jax.vmap(per_head, in_axes=(0, 0, 0, None))(state, q, proj, reads)
+        out, memories, aux = jax.vmap(per_head, in_axes=(0, 0, 0, None))(state.memory, q, proj, reads)
+        state = LayerState(memories, tail)
         aux = {key: jnp.swapaxes(val, 1, 2) for key, val in aux.items()}
         out = jnp.swapaxes(out, 1, 2)  # [batch, T, heads, d_head]
         aux["diverged_at"] = _first_nonfinite(out)
@@ -159,7 +176,7 @@ class SelfModifyingMemory(nnx.Module):
             name: jnp.sqrt(
                 sum(
                     jnp.sum((e - s) ** 2, axis=(-2, -1))
-                    for e, s in zip(end[name].weights, start[name].weights)
+                    for e, s in zip(end.memory[name].weights, start.memory[name].weights)
                 )
             )
             for name in MEMORIES
