@@ -389,9 +389,54 @@ def memory_chunked(
     prepared = _prepare(
         spec, chunk_inputs[1], chunk_inputs[3], chunk_inputs[4], chunk_inputs[5]
     )  # all chunks
-    state, (out, surprise) = jax.lax.scan(body, state, (*chunk_inputs, last, prepared))
+    if spec.memory == "linear" and not spec.momentum and not spec.stop_write_grad:
+        out, state, surprise = _linear_parallel(spec, state, chunk_inputs[:4], last, prepared)
+    else:
+        state, (out, surprise) = jax.lax.scan(body, state, (*chunk_inputs, last, prepared))
     out = out.reshape(chunks * size, -1)[:n]
     return out, state, {"surprise": surprise.reshape(-1)[:n]}
+
+
+def _linear_parallel(spec: MemorySpec, state: MemoryState, chunk_inputs, last: Array, prepared):
+    r"""Every chunk of a linear memory (no momentum) at once; only a ``d_k x d_k`` recurrence is sequential.
+
+    Within a chunk the residuals are affine in the chunk's starting state,
+    :math:`R = \tilde K M_0 - \tilde V` (dot: :math:`\tilde K = 0, \tilde V = V`; mini-batch:
+    :math:`\tilde K = K, \tilde V = V`; online delta rule: :math:`\tilde K = T\,\mathrm{diag}(a_{i-1}) K`,
+    :math:`\tilde V = T V` with :math:`T` the inverted triangular system), so the state after the chunk is
+    :math:`M_{\text{end}} = A M_0 + B` with :math:`A = a_{\text{last}} I - K^\top \mathrm{diag}(c_{\text{last}})
+    \tilde K` and :math:`B = K^\top \mathrm{diag}(c_{\text{last}}) \tilde V`. ``A`` and ``B`` of all chunks
+    are batched products; a scan over chunks chains them; the outputs of all chunks are batched products
+    again. This is the chunkwise-parallel form of linear attention and DeltaNet (the UT / WY
+    representation of Yang et al. 2024); the per-chunk loop of :func:`_chunk` gives the same numbers.
+    """
+    q, k, v, lr = chunk_inputs
+    (a, _, c, _, _), inverse = prepared
+    coef = c * lr[:, None, :]  # [n, C, C]
+    rows = jnp.arange(a.shape[0])
+    coef_last, a_last = coef[rows, last], a[rows, last]  # [n, C], [n]
+    if spec.objective == "dot":
+        k_tilde, v_tilde = None, v
+    elif spec.exact_online:
+        k_tilde, v_tilde = inverse @ (_shift_down(a.T, 1.0).T[..., None] * k), inverse @ v
+    else:
+        k_tilde, v_tilde = k, v
+    weighted = k * coef_last[..., None]  # diag(c_last) K
+    b = -jnp.swapaxes(weighted, 1, 2) @ (-v_tilde)  # K^T diag(c_last) V~
+    eye = jnp.eye(k.shape[-1], dtype=k.dtype)
+    if k_tilde is None:
+        step = lambda w, ab: (ab[0][..., None, None] * w + ab[1], w)  # noqa: E731
+        xs = (a_last, b)
+    else:
+        a_mat = a_last[:, None, None] * eye[None] - jnp.swapaxes(weighted, 1, 2) @ k_tilde
+        step = lambda w, ab: (ab[0] @ w + ab[1], w)  # noqa: E731
+        xs = (a_mat, b)
+    (w_end,) = state.weights
+    w_end, w_start = jax.lax.scan(step, w_end, xs)  # w_start[i]: the state that opens chunk i
+    r = -v_tilde if k_tilde is None else k_tilde @ w_start - v_tilde
+    out = a[..., None] * (q @ w_start) - (coef * (q @ jnp.swapaxes(k, 1, 2))) @ r
+    surprise = jnp.sqrt(jnp.sum(k**2, -1) * jnp.sum(r**2, -1))
+    return out, MemoryState((w_end,), None), surprise
 
 
 def _check_inputs(spec, q, k, v, lr, retention, beta) -> None:
