@@ -42,10 +42,15 @@ if [[ "${MEMORY_TOKENS_TINY:-0}" == "1" ]]; then  # a quick end-to-end check of 
             --d-model 16 --vocab 32 --cell-cap 30 --total-cap "${MEMORY_TOKENS_TOTAL_CAP:-120}")
 else
   settings=(--lengths 256 1024 4096 16384 --batch 16 --reps 5 --cell-cap 30 --order model
-            --total-cap "${MEMORY_TOKENS_TOTAL_CAP:-380}")
+            --total-cap "${MEMORY_TOKENS_TOTAL_CAP:-300}")
 fi
 
 status=0
+# the memory layers alone first (the floor's cells; about a minute), then every whole model
+if [[ "${MEMORY_TOKENS_TINY:-0}" != "1" ]]; then
+  "$py" "$here/memory_tokens.py" --level memory --models linear_attention deltanet --lengths 1024 4096 16384 \
+    --batch 16 --reps 5 --cell-cap 20 --total-cap 100 --out "$out_dir/memory_tokens_gpu_memory.json" || true
+fi
 "$py" "$here/memory_tokens.py" "${settings[@]}" --out "$out_dir/memory_tokens_gpu.json" "$@" || status=$?
 case $status in
   0) echo "gpu_memory_tokens.sh: done, $out_dir/memory_tokens_gpu.json" ;;

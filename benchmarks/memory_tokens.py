@@ -12,6 +12,10 @@ Every model of ``nestlearn.nn`` that has a memory (``linear_attention``, ``delta
 - ``training``: one jitted step, ``jax.value_and_grad`` of the next-token cross-entropy at those 16
   positions followed by an ``optax.adam`` update; the new parameters and Adam state feed the next call.
 
+``--level memory`` times the memory layer alone (one block, no MLP channel; the embedding and head are
+a small fraction): the chunkwise-against-per-token ratio of the memory itself, which the whole model
+dilutes with the parts both paths share.
+
 For each (model, mode, length) the programs of both paths are compiled first (``lower().compile()``, its
 wall time recorded as ``compile_s``), called once to warm up, then timed ``--reps`` times with the two
 paths interleaved (the order alternating every repeat) so that load from other users hits both alike.
@@ -66,7 +70,11 @@ def build_model(name: str, path: str, args) -> nnx.Module:
     if name in REFERENCE_MODELS:
         return getattr(nn, name)(**size, rngs=nnx.Rngs(0))
     extra = {} if args.chunk is None else {"chunk": args.chunk}
-    return getattr(nn, name)(**size, path=path, **extra, rngs=nnx.Rngs(0))
+    model = getattr(nn, name)(**size, path=path, **extra, rngs=nnx.Rngs(0))
+    if args.level == "memory":  # the memory layer alone: one block, its MLP channel removed
+        model.layers = nnx.List([model.layers[0]])
+        model.layers[0].channel = model.layers[0].channel_norm = None
+    return model
 
 
 def programs(model: nnx.Module, mode: str, tokens, positions, targets):
@@ -264,6 +272,12 @@ def parse(argv=None):
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--chunk", type=int, default=None, help="chunk of every memory (default: each model's)")
+    p.add_argument(
+        "--level",
+        default="model",
+        choices=["model", "memory"],
+        help="model: the whole model (--layers blocks with MLP channels); memory: one block, memory mixer only",
+    )
     p.add_argument("--cell-cap", type=float, default=90.0, help="seconds of timing per path and cell")
     p.add_argument("--total-cap", type=float, default=0.0, help="skip cells starting after this (0: none)")
     p.add_argument(

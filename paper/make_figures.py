@@ -135,6 +135,14 @@ def fig_maml_continual(runs: Path) -> plt.Figure:
     return module.figure({name: load_result(directory / "results" / f"{name}.npz") for name in module.STARTS})
 
 
+def fig_memory(part: str) -> Callable[[Path], plt.Figure]:
+    def make(runs: Path) -> plt.Figure:
+        directory = finished_run(runs, "memory_recall")
+        return getattr(experiment_module("memory_recall"), f"{part}_figure")(directory / "results")
+
+    return make
+
+
 FIGURES: dict[str, Callable[[Path], plt.Figure]] = {
     "01_permuted_forgetting_curves": fig_permuted_forgetting,
     "01_permuted_average_accuracy": fig_permuted_average,
@@ -145,6 +153,9 @@ FIGURES: dict[str, Callable[[Path], plt.Figure]] = {
     "04_maml_adaptation": fig_maml_adaptation,
     "04_maml_fits": fig_maml_fits,
     "04_maml_continual": fig_maml_continual,
+    "06_mqar_state_size": fig_memory("mqar"),
+    "06_forgetting_mqar": fig_memory("forgetting"),
+    "06_two_languages": fig_memory("languages"),
 }
 
 

@@ -12,6 +12,7 @@ from nestlearn.nn import (
     AssociativeMemory,
     MemorySpec,
     SelfModifyingMemory,
+    ShortConv,
     initial_state,
     memory_chunked,
     memory_scan,
@@ -228,3 +229,17 @@ def test_unit_lower_inverse_matches_numpy(n):
     rng = np.random.default_rng(n)
     m = np.tril(0.3 * rng.normal(size=(3, n, n)), -1) + np.eye(n)
     np.testing.assert_allclose(unit_lower_inverse(jnp.asarray(m, jnp.float32)), np.linalg.inv(m), atol=2e-5)
+
+
+def test_short_conv_is_causal_depthwise_and_carries_its_tail():
+    conv = ShortConv(3, 4, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(8), (2, 9, 3))
+    y, tail = conv(x, conv.init_tail(2))
+    w, xn = np.asarray(conv.weight[...], np.float64), np.asarray(x, np.float64)
+    # y_t = silu(sum_j w[j] * x_{t-j}) over the taps that exist (zeros before the sequence)
+    pre = sum(w[j] * np.pad(xn, ((0, 0), (j, 0), (0, 0)))[:, :9] for j in range(4))
+    np.testing.assert_allclose(y, pre / (1 + np.exp(-pre)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(tail, x[:, -3:])
+    y1, mid = conv(x[:, :5], conv.init_tail(2))
+    y2, _ = conv(x[:, 5:], mid)
+    np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y, rtol=1e-6, atol=1e-6)
