@@ -4,28 +4,33 @@ second is learned. Issue 6's measured comparisons.
 
 Command:  nestlearn run memory_recall        (--quick: 2 seeds, one width, few steps; what CI and the
           notebook run)
-Runtime:  about 40-60 minutes on 2 (shared) CPU cores; --quick about 3-5 minutes (compilation).
+Runtime:  about 45 minutes on 2 (shared) CPU cores; --quick about 10 minutes (mostly compilation).
 Produces: results/mqar.csv (per model, width, setting and seed: state size in floats, eval accuracy,
           diverged step), results/forgetting.csv (per model and seed: accuracy on reassigned and on
-          untouched keys), results/hope.csv (per HOPE variant and seed: MQAR accuracy, language-A
-          accuracy before and after language B, language-B accuracy), results/languages.csv (per model,
-          seed and evaluation point: accuracy on both languages), results/telemetry.csv (per model and
-          chunk: the mixers' gate means, surprise, update norms, divergence), figures/mqar_state_size,
-          figures/forgetting_mqar, figures/two_languages (pdf and png), status.json.
+          untouched keys), results/languages.csv (per model, seed and evaluation point: accuracy on both
+          languages) and results/languages_summary.csv (per model and seed: A after A, A after B, B after
+          B, the optimal accuracies), results/hope_languages*.csv (the HOPE variants' part of those),
+          results/telemetry.csv (per model and chunk: the mixers' gate means, surprise, update norms,
+          divergence), figures/mqar_state_size, figures/forgetting_mqar, figures/two_languages (pdf and
+          png), status.json. A rerun into the same directory skips the parts already written.
 Setup:    every model is a 2-layer SequenceModel (embedding, pre-norm blocks of mixer and MLP/CMS channel,
-          head) trained with AdamW (lr 3e-3, weight decay 1e-4 - optax's default), batch 32, the query
-          cross-entropy, 800 steps, seeds 0 and 1; evaluated on 16 fresh batches. MQAR follows Zoology's generator (REFERENCES.md)
-          at (length, pairs) in {(64, 4), (128, 8), (256, 16)}, but with a vocabulary of 64 instead of
-          8,192 so that a CPU run learns the task in minutes (keys 1..31, values 32..63); one model is
-          trained per setting. Models: Transformer, linear attention, DeltaNet; widths d_model in
-          {16, 32}, 2 heads. Forgetting-MQAR: length 128,
-          8 pairs, 4 keys written again with new values, width 32. HOPE variants (width 32, chunk 16):
-          CMS off (self-modifying Titans + MLP), CMS with periods (1, 1, 1) (a 3-block MLP chain
-          updated every step) and CMS with periods (1, 4, 16) (nestlearn.nn.cms_optimizer over AdamW).
-          Two languages (Transformer, DeltaNet, HOPE-attention with CMS (1, 4, 16), and the three HOPE
-          variants): sparse Markov chains over 32 tokens (branching 2), sequences of 64, trained on
-          language A then B for 400 steps each; accuracy of next-token prediction on both
-          after every chunk, against each language's Bayes-optimal accuracy.
+          head), 2 heads, memories with a short convolution and chunks of 16, trained with AdamW (lr 3e-3,
+          weight decay 1e-4, optax's default) on the query cross-entropy, 128 query labels per batch
+          (batch = 128 / pairs sequences, so every setting costs the same per step), 500 steps, seeds 0
+          and 1; evaluated on 16 fresh batches.
+          MQAR follows Zoology's generator (REFERENCES.md) at (length, pairs) in {(64, 4), (128, 8),
+          (256, 16)}, but with a vocabulary of 64 instead of 8,192 so that a CPU run learns the task in
+          minutes (keys 1..31, values 32..63); one model per setting; Transformer, linear attention and
+          DeltaNet at widths d_model 16 and 32.
+          Forgetting-MQAR: length 128, 8 pairs, 4 keys written again with new values, width 32; linear
+          attention (additive) against DeltaNet (overwriting), the Transformer as reference.
+          Two languages: sparse Markov chains over 32 tokens (branching 2), batches of 32 sequences of
+          64, trained on language A then B for 300 steps each; next-token accuracy on both after every
+          100 steps against each language's Bayes-optimal accuracy. Models: Transformer, DeltaNet,
+          HOPE-attention (CMS periods (1, 4, 16)), and HOPE's ablation at width 32: CMS off (self-modifying
+          Titans + MLP), CMS with periods (1, 1, 1) (a 3-block MLP chain updated every step) and with
+          (1, 4, 16) (nestlearn.nn.cms_optimizer over AdamW).
+          Telemetry: DeltaNet, Titans and HOPE, 100 steps of MQAR (64, 4), one seed.
 """
 
 from __future__ import annotations
@@ -63,30 +68,34 @@ class Scale(NamedTuple):
     telemetry_steps: int
 
 
-FULL = Scale((0, 1), (16, 32), SETTINGS, 800, 200, 400, 16, 200)
-QUICK = Scale((0, 1), (32,), ((64, 4),), 100, 50, 50, 2, 50)
+FULL = Scale((0, 1), (16, 32), SETTINGS, 500, 100, 300, 16, 100)
+QUICK = Scale((0, 1), (32,), ((64, 4),), 100, 50, 50, 2, 40)
+LABELS = 128  # query labels per training batch: batch = LABELS // pairs, so every setting costs the same
+CHUNK = 16  # memory chunk (a chunk of 64 costs about twice as much per token at these widths on CPU)
 
 # name -> constructor(vocab, d_model, rngs); the recall comparison's models
 MODELS: dict[str, Callable] = {
     "transformer": functools.partial(nn.transformer, heads=2),
-    "linear_attention": nn.linear_attention,
-    "deltanet": nn.deltanet,
+    "linear_attention": functools.partial(nn.linear_attention, chunk=CHUNK),
+    "deltanet": functools.partial(nn.deltanet, chunk=CHUNK),
 }
 # forgetting-MQAR: additive against overwriting memories, each with and without a forgetting gate
 FORGETTING_MODELS: dict[str, Callable] = {
-    "linear_attention": nn.linear_attention,
-    "gated_linear_attention": functools.partial(nn.linear_attention, gate=True),
-    "deltanet": nn.deltanet,
-    "gated_deltanet": functools.partial(nn.deltanet, gate=True),
-    "transformer": functools.partial(nn.transformer, heads=2),
+    "linear_attention": MODELS["linear_attention"],
+    "deltanet": MODELS["deltanet"],
+    "transformer": MODELS["transformer"],
 }
 # two languages: name -> (constructor, CMS periods or None); HOPE's CMS variants come from hope_ablation
 LANGUAGE_MODELS: dict[str, tuple[Callable, tuple[int, ...] | None]] = {
     "transformer": (functools.partial(nn.transformer, heads=2), None),
-    "deltanet": (nn.deltanet, None),
+    "deltanet": (MODELS["deltanet"], None),
     "hope_attention": (functools.partial(nn.hope_attention, heads=2), (1, 4, 16)),
 }
-TELEMETRY_MODELS: dict[str, Callable] = {"deltanet": nn.deltanet, "titans": nn.titans, "hope": nn.hope}
+TELEMETRY_MODELS: dict[str, Callable] = {
+    "deltanet": MODELS["deltanet"],
+    "titans": functools.partial(nn.titans, chunk=CHUNK),
+    "hope": functools.partial(nn.hope, chunk=CHUNK),
+}
 
 
 def optimizer(periods=None) -> optax.GradientTransformation:
@@ -111,7 +120,8 @@ def _finite(values: np.ndarray, diverged: np.ndarray) -> list[float]:
 def mqar_state_size(scale: Scale, log=print) -> pd.DataFrame:
     rows = []
     for length, pairs in scale.settings:
-        sample = functools.partial(tasks.mqar, batch=BATCH, length=length, pairs=pairs, vocab=VOCAB)
+        batch = LABELS // pairs
+        sample = functools.partial(tasks.mqar, batch=batch, length=length, pairs=pairs, vocab=VOCAB)
         for name, build in MODELS.items():
             for width in scale.widths:
                 model_fn = _model_fn(build, width)
@@ -161,7 +171,7 @@ def _split_accuracy(trainer: nn.SeqTrainer, params, sample, key, batches: int):
 
 def forgetting_mqar(scale: Scale, log=print) -> pd.DataFrame:
     sample = functools.partial(
-        tasks.forgetting_mqar, batch=BATCH, length=128, pairs=8, reassign=4, vocab=VOCAB
+        tasks.forgetting_mqar, batch=LABELS // 8, length=128, pairs=8, reassign=4, vocab=VOCAB
     )
     width = 32 if 32 in scale.widths else scale.widths[0]
     rows = []
@@ -257,36 +267,22 @@ def _language_rows(name, scale, curve, res, curve_rows, rows, log) -> None:
         f"optimal {res['optimal_a']:.3f}/{res['optimal_b']:.3f}")  # fmt: skip
 
 
-def hope_ablation(scale: Scale, log=print) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """HOPE with the CMS off, with periods (1, 1, 1) and with (1, 4, 16): MQAR and the two languages."""
-    rows, curve_rows, language_rows = [], [], []
-    length, pairs = scale.settings[0]
-    sample = functools.partial(tasks.mqar, batch=BATCH, length=length, pairs=pairs, vocab=VOCAB)
+def hope_ablation(scale: Scale, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """HOPE with the CMS off, with periods (1, 1, 1) and with (1, 4, 16), on the two languages."""
+    curve_rows, rows = [], []
     for variant, periods in HOPE_PERIODS.items():
         build = nn.self_modifying_titans if periods is None else nn.hope
-        trainer = nn.SeqTrainer(
-            _model_fn(build, 32), optimizer(periods), lambda k: sample(k), steps=scale.steps,
-            chunk=scale.chunk, eval_batches=scale.eval_batches,
-        )  # fmt: skip
-        res = trainer.run_seeds(scale.seeds)
-        mqar_acc = _finite(res["eval_acc"], res["diverged"])
         curve, lang = two_languages(build, periods, scale)
-        _language_rows(f"hope_{variant}", scale, curve, lang, curve_rows, language_rows, log)
-        for s, seed in enumerate(scale.seeds):
-            rows.append({"variant": variant, "seed": seed, "mqar_acc": mqar_acc[s],
-                         "a_after_a": lang["a_after_a"][s], "a_after_b": lang["a_after_b"][s],
-                         "b_after_b": lang["b_after_b"][s], "diverged_step": int(res["diverged_step"][s])})  # fmt: skip
-        log(f"[hope] {variant:>11}  MQAR {length}/{pairs} {_describe(mqar_acc)}; language A after B "
-            f"{_describe(lang['a_after_b'])} (after A {_describe(lang['a_after_a'])})")  # fmt: skip
-    return pd.DataFrame(rows), pd.DataFrame(curve_rows), pd.DataFrame(language_rows)
+        _language_rows(f"hope_{variant}", scale, curve, lang, curve_rows, rows, log)
+    return pd.DataFrame(curve_rows), pd.DataFrame(rows)
 
 
 def telemetry(scale: Scale, log=print) -> pd.DataFrame:
     """The memory mixers' statistics over training, MQAR at the first setting, width 32, first seed."""
     length, pairs = scale.settings[0]
-    sample = functools.partial(tasks.mqar, batch=BATCH, length=length, pairs=pairs, vocab=VOCAB)
+    sample = functools.partial(tasks.mqar, batch=LABELS // pairs, length=length, pairs=pairs, vocab=VOCAB)
     rows = []
-    for name, build in TELEMETRY_MODELS.items():
+    for name, build in TELEMETRY_MODELS.items():  # sample: the first setting's MQAR
         trainer = nn.SeqTrainer(
             _model_fn(build, 32), optimizer(), lambda k: sample(k), steps=scale.telemetry_steps,
             chunk=scale.telemetry_steps // 4, eval_batches=1, telemetry=True,
@@ -313,11 +309,10 @@ def run(out: Path, *, quick: bool = False, log=print, scale: Scale | None = None
     # same directory (after a kill or a crash) skips the parts already there
     if not done("forgetting"):
         save("forgetting", forgetting_mqar(scale, log))
-    if not done("hope", "hope_languages", "hope_language_summary"):
-        hope, hope_curves, hope_languages = hope_ablation(scale, log)
+    if not done("hope_languages", "hope_language_summary"):
+        hope_curves, hope_languages = hope_ablation(scale, log)
         save("hope_languages", hope_curves)
         save("hope_language_summary", hope_languages)
-        save("hope", hope)
     if not done("languages", "languages_summary"):
         curves, summary = languages(scale, log)
         hope_curves = pd.read_csv(results / "hope_languages.csv")
