@@ -4,11 +4,13 @@
 #   bash benchmarks/gpu_memory_tokens.sh                 # on the GPU machine, from the repository root
 #   JAX_PLATFORMS=cpu MEMORY_TOKENS_TINY=1 bash benchmarks/gpu_memory_tokens.sh   # a quick check on a CPU
 #
-# Runs benchmarks/memory_tokens.py at lengths 256 1024 4096 16384, batch 16, and writes
+# Runs benchmarks/memory_primitive.py (the recurrence alone), memory_tokens.py --level memory (the
+# memory layers alone) and memory_tokens.py on every model at lengths 256 1024 4096 16384, batch 16, into
+# memory_primitive_gpu.json, memory_tokens_gpu_memory.json and
 # ${OUT:-benchmarks/results}/memory_tokens_gpu.json (saved after every cell, so a killed run keeps what
 # it measured). Nothing is installed or downloaded: the repository is put on PYTHONPATH and the machine's
 # own python (${PYTHON:-python3}) must already import jax (with CUDA), flax, optax and jaxtyping; the
-# script says which is missing otherwise. A total cap (MEMORY_TOKENS_TOTAL_CAP, default 380 s) skips the
+# script says which is missing otherwise. A total cap (MEMORY_TOKENS_TOTAL_CAP, default 240 s) skips the
 # cells that would start later, and a per-cell cap (30 s of timing per path) skips slow per-token cells,
 # so the whole call stays under ~8 minutes (compile time of the last cell comes on top of the cap).
 # Extra arguments go to memory_tokens.py, e.g. `--models linear_attention deltanet --chunk 64`.
@@ -42,12 +44,15 @@ if [[ "${MEMORY_TOKENS_TINY:-0}" == "1" ]]; then  # a quick end-to-end check of 
             --d-model 16 --vocab 32 --cell-cap 30 --total-cap "${MEMORY_TOKENS_TOTAL_CAP:-120}")
 else
   settings=(--lengths 256 1024 4096 16384 --batch 16 --reps 5 --cell-cap 30 --order model
-            --total-cap "${MEMORY_TOKENS_TOTAL_CAP:-300}")
+            --total-cap "${MEMORY_TOKENS_TOTAL_CAP:-240}")
 fi
 
 status=0
-# the memory layers alone first (the floor's cells; about a minute), then every whole model
+# the memory recurrence alone, then the memory layers alone (the floor's cells; a minute or two each),
+# then every whole model
 if [[ "${MEMORY_TOKENS_TINY:-0}" != "1" ]]; then
+  "$py" "$here/memory_primitive.py" --lengths 1024 4096 16384 --chunks 64 --sequences 32 --reps 5 \
+    --out "$out_dir/memory_primitive_gpu.json" || true
   "$py" "$here/memory_tokens.py" --level memory --models linear_attention deltanet --lengths 1024 4096 16384 \
     --batch 16 --reps 5 --cell-cap 20 --total-cap 100 --out "$out_dir/memory_tokens_gpu_memory.json" || true
 fi
