@@ -4,7 +4,7 @@ second is learned. Issue 6's measured comparisons.
 
 Command:  nestlearn run memory_recall        (--quick: 2 seeds, one width, few steps; what CI and the
           notebook run)
-Runtime:  about 45 minutes on 2 (shared) CPU cores; --quick about 10 minutes (mostly compilation).
+Runtime:  about 60 minutes on 2 (shared) CPU cores; --quick about 10 minutes (mostly compilation).
 Produces: results/mqar.csv (per model, width, setting and seed: state size in floats, eval accuracy,
           diverged step), results/forgetting.csv (per model and seed: accuracy on reassigned and on
           untouched keys), results/languages.csv (per model, seed and evaluation point: accuracy on both
@@ -16,14 +16,15 @@ Produces: results/mqar.csv (per model, width, setting and seed: state size in fl
 Setup:    every model is a 2-layer SequenceModel (embedding, pre-norm blocks of mixer and MLP/CMS channel,
           head), 2 heads, memories with a short convolution and chunks of 16, trained with AdamW (lr 3e-3,
           weight decay 1e-4, optax's default) on the query cross-entropy, 128 query labels per batch
-          (batch = 128 / pairs sequences, so every setting costs the same per step), 500 steps, seeds 0
+          (batch = 128 / pairs sequences, so every setting costs the same per step), 800 steps, seeds 0
           and 1; evaluated on 16 fresh batches.
           MQAR follows Zoology's generator (REFERENCES.md) at (length, pairs) in {(64, 4), (128, 8),
           (256, 16)}, but with a vocabulary of 64 instead of 8,192 so that a CPU run learns the task in
           minutes (keys 1..31, values 32..63); one model per setting; Transformer, linear attention and
-          DeltaNet at widths d_model 16 and 32.
-          Forgetting-MQAR: length 128, 8 pairs, 4 keys written again with new values, width 32; linear
-          attention (additive) against DeltaNet (overwriting), the Transformer as reference.
+          DeltaNet at widths d_model 16 and 32 on (64, 4), at width 32 on the two longer settings (the
+          CPU budget).
+          Forgetting-MQAR: length 64, 4 pairs, 2 keys written again with new values, batch 32, width 32;
+          linear attention (additive) against DeltaNet (overwriting), the Transformer as reference.
           Two languages: sparse Markov chains over 32 tokens (branching 2), batches of 32 sequences of
           64, trained on language A then B for 300 steps each; next-token accuracy on both after every
           100 steps against each language's Bayes-optimal accuracy. Models: Transformer, DeltaNet,
@@ -68,7 +69,7 @@ class Scale(NamedTuple):
     telemetry_steps: int
 
 
-FULL = Scale((0, 1), (16, 32), SETTINGS, 500, 100, 300, 16, 100)
+FULL = Scale((0, 1), (16, 32), SETTINGS, 800, 100, 300, 16, 100)
 QUICK = Scale((0, 1), (32,), ((64, 4),), 100, 50, 50, 2, 40)
 LABELS = 128  # query labels per training batch: batch = LABELS // pairs, so every setting costs the same
 CHUNK = 16  # memory chunk (a chunk of 64 costs about twice as much per token at these widths on CPU)
@@ -117,13 +118,17 @@ def _finite(values: np.ndarray, diverged: np.ndarray) -> list[float]:
 # -- 1. MQAR accuracy against state size ------------------------------------------------------------------
 
 
-def mqar_state_size(scale: Scale, log=print) -> pd.DataFrame:
+def mqar_state_size(scale: Scale, log=print, partial: Callable | None = None) -> pd.DataFrame:
+    """Every model at every width on the first setting, at the largest width on the others.
+
+    ``partial(frame)`` is called after every run with the rows so far (the caller saves them)."""
     rows = []
     for length, pairs in scale.settings:
         batch = LABELS // pairs
         sample = functools.partial(tasks.mqar, batch=batch, length=length, pairs=pairs, vocab=VOCAB)
+        widths = scale.widths if (length, pairs) == scale.settings[0] else scale.widths[-1:]
         for name, build in MODELS.items():
-            for width in scale.widths:
+            for width in widths:
                 model_fn = _model_fn(build, width)
                 trainer = nn.SeqTrainer(
                     model_fn, optimizer(), lambda k, s=sample: s(k), steps=scale.steps, chunk=scale.chunk,
@@ -138,6 +143,8 @@ def mqar_state_size(scale: Scale, log=print) -> pd.DataFrame:
                                  "diverged_step": int(dstep)})  # fmt: skip
                 log(f"[mqar {length}/{pairs}] {name:>17} d={width:<3} state {size:>7}  acc "
                     f"{_describe(accs)}")  # fmt: skip
+                if partial is not None:
+                    partial(pd.DataFrame(rows))
     return pd.DataFrame(rows)
 
 
@@ -171,7 +178,7 @@ def _split_accuracy(trainer: nn.SeqTrainer, params, sample, key, batches: int):
 
 def forgetting_mqar(scale: Scale, log=print) -> pd.DataFrame:
     sample = functools.partial(
-        tasks.forgetting_mqar, batch=LABELS // 8, length=128, pairs=8, reassign=4, vocab=VOCAB
+        tasks.forgetting_mqar, batch=BATCH, length=64, pairs=4, reassign=2, vocab=VOCAB
     )
     width = 32 if 32 in scale.widths else scale.widths[0]
     rows = []
@@ -322,7 +329,7 @@ def run(out: Path, *, quick: bool = False, log=print, scale: Scale | None = None
     if not done("telemetry"):
         save("telemetry", telemetry(scale, log))
     if not done("mqar"):
-        save("mqar", mqar_state_size(scale, log))
+        save("mqar", mqar_state_size(scale, log, partial=lambda frame: save("mqar_partial", frame)))
     figures(out)
     write_json(
         out / "status.json", {"complete": True, "quick": quick, "scale": scale._asdict(), "vocab": VOCAB}
