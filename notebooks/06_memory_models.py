@@ -522,8 +522,9 @@ tele.round(4)
 # mixer and the embedding, moves most. On the right, every memory of the self-modifying mixer is
 # written in context (a nonzero update norm within one sequence of the first language); the table
 # has the gates: the retention gate starts near σ(6) ≈ 0.998 and the inner rate near lr · σ(0) = 0.05,
-# and training moves them. At the small size these numbers describe a barely trained model; in the
-# full run the same cells show how far training moved the gates.
+# and the outer optimizer may move them. In the small run they have barely moved (compare the
+# `initial` and `trained` columns): these numbers describe a barely trained model; the full run shows
+# how far training moves the gates.
 #
 # ## 4. Learning one language, then another
 #
