@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from nestlearn import nn
 from nestlearn.nn import (
     AssociativeMemory,
     MemorySpec,
@@ -243,3 +244,23 @@ def test_short_conv_is_causal_depthwise_and_carries_its_tail():
     y1, mid = conv(x[:, :5], conv.init_tail(2))
     y2, _ = conv(x[:, 5:], mid)
     np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        nn.linear_attention,
+        nn.deltanet,
+        nn.ttt_linear,
+        nn.ttt_mlp,
+        nn.titans,
+        nn.self_modifying_titans,
+        nn.hope,
+    ],
+)
+def test_no_parameter_is_weakly_typed(build):
+    # A weakly typed parameter turns strongly typed after the first optimizer update, so a jitted training
+    # chunk is traced (and compiled) again on its second call.
+    params = nnx.state(build(vocab=8, d_model=8, rngs=nnx.Rngs(0)), nnx.Param)
+    weak = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(params) if x.weak_type]
+    assert not weak, weak

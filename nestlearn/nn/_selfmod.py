@@ -107,7 +107,7 @@ class SelfModifyingMemory(nnx.Module):
         self.lr_read = nnx.Param(0.02 * jax.random.normal(rngs.params(), (heads, d_head)))
         self.lr_bias = nnx.Param(jnp.zeros((heads,)))
         self.gate_read = nnx.Param(0.02 * jax.random.normal(rngs.params(), (heads, d_head)))
-        self.gate_bias = nnx.Param(jnp.full((heads,), 6.0))  # retention ~0.9975 at the start
+        self.gate_bias = nnx.Param(jnp.full((heads,), 6.0, jnp.float32))  # retention ~0.9975 at the start
         inits = {}
         for name in MEMORIES:
             w1 = jax.random.normal(rngs.params(), (heads, d_head, hidden)) / math.sqrt(d_head)
