@@ -250,17 +250,6 @@ print(f"max |one call - second piece from a reset|:        "
 
 
 # %%
-def strong_params(model):
-    """Make every parameter strongly typed (see the note below); returns the model."""
-    _, params = nnx.split(model, nnx.Param)
-    nnx.update(model, jax.tree.map(lambda p: jnp.asarray(p, p.dtype), params))
-    return model
-
-
-# Note: SelfModifyingMemory builds its gate bias as a weakly typed array, and the first optimizer
-# update returns it strongly typed, which makes jit compile the training chunk again (twice, about
-# 15 s each on this CPU). Casting once at build time keeps one compilation per model.
-
 BUILDERS = {
     "transformer": lambda **kw: nn.transformer(heads=2, **kw),
     "linear_attention": nn.linear_attention,
@@ -270,7 +259,7 @@ BUILDERS = {
 
 
 def model_fn(name, vocab, width):
-    return lambda rngs: strong_params(BUILDERS[name](vocab=vocab, d_model=width, rngs=rngs))
+    return lambda rngs: BUILDERS[name](vocab=vocab, d_model=width, rngs=rngs)
 
 
 def mqar_sample(key):
@@ -371,7 +360,7 @@ def language_run(build, tx, seeds):
     how far each CMS level (or ``io``, the rest) moved, ``{label: [seeds]}``.
     """
     trainer = nn.SeqTrainer(
-        lambda rngs: strong_params(build(vocab=32, d_model=LANG_WIDTH, rngs=rngs)), tx,
+        lambda rngs: build(vocab=32, d_model=LANG_WIDTH, rngs=rngs), tx,
         lambda key: langs.sample(key, 0, LANG_BATCH, LANG_LENGTH), steps=LANG_STEPS, chunk=LANG_CHUNK,
     )  # fmt: skip
 
