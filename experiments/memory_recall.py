@@ -12,7 +12,8 @@ Produces: results/mqar.csv (per model, width, setting and seed: state size in fl
           B, the optimal accuracies), results/hope_languages*.csv (the HOPE variants' part of those),
           results/telemetry.csv (per model and chunk: the mixers' gate means, surprise, update norms,
           divergence), figures/mqar_state_size, figures/forgetting_mqar, figures/two_languages (pdf and
-          png), status.json. A rerun into the same directory skips the parts already written.
+          png), status.json. `nestlearn run memory_recall --resume --out DIR` continues a killed run,
+          skipping the parts already written.
 Setup:    every model is a 2-layer SequenceModel (embedding, pre-norm blocks of mixer and MLP/CMS channel,
           head), 2 heads, memories with a short convolution and chunks of 16, trained with AdamW (lr 3e-3,
           weight decay 1e-4, optax's default) on the query cross-entropy, 128 query labels per batch
@@ -53,6 +54,7 @@ from flax import nnx
 from nestlearn import nn, tasks
 from nestlearn.experiment._rundir import atomic_write, write_json
 
+RESUMABLE = True  # run() skips the parts whose tables are already in out/results
 VOCAB = 64
 BATCH = 32
 LR = 3e-3

@@ -106,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_custom(name: str, module: ModuleType, out: Path, args: argparse.Namespace) -> int:
     """An experiment that is a ``run(out, quick=...)`` function (its own loop, e.g. online regression)."""
-    if args.sets or args.resume:
-        raise ConfigError(f"experiment {name!r} is a script: it takes neither --set nor --resume")
-    if out.exists() and any(out.iterdir()):
+    if args.sets:
+        raise ConfigError(f"experiment {name!r} is a script: it takes no --set")
+    if args.resume and not getattr(module, "RESUMABLE", False):
+        raise ConfigError(f"experiment {name!r} is a script without resume: it takes no --resume")
+    if out.exists() and any(out.iterdir()) and not args.resume:
         if not args.force:
             raise ConfigError(f"output directory {out} already exists; pass --force to replace it")
         import shutil
