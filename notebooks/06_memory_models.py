@@ -567,15 +567,16 @@ for name, (_, state, curve, _) in lang_results.items():
 #
 # ## 5. Where to go next
 #
-# - `nestlearn run memory_recall` (`experiments/memory_recall.py`) runs the full comparison: MQAR at
-#   (64, 4), (128, 8) and (256, 16) against state size for the Transformer, linear attention, DeltaNet,
-#   TTT-linear, Titans and HOPE at three widths; forgetting-MQAR (`tasks.forgetting_mqar`, keys written
-#   again with new values: overwriting against additive memories, with and without a forgetting gate);
-#   HOPE's CMS ablation with periods (1, 1, 1) as a control; the two languages for four models; and the
-#   mixers' telemetry over training. `--quick` is the small version.
-# - `benchmarks/memory_tokens.py` measures tokens per second of the memory models, the chunkwise
-#   against the per-token path, for inference and training (`benchmarks/gpu_memory_tokens.sh` runs it
-#   on a GPU).
+# - `nestlearn run memory_recall` (`experiments/memory_recall.py`, about an hour on a laptop CPU) runs
+#   the full comparison, and the README gives its numbers: MQAR at (64, 4), (128, 8) and (256, 16)
+#   against state size for the Transformer, linear attention and DeltaNet; forgetting-MQAR
+#   (`tasks.forgetting_mqar`, keys written again with new values), where the overwriting delta rule
+#   beats the additive memory on the rewritten keys; HOPE's CMS ablation, with periods (1, 1, 1) as a
+#   control, on the two languages; the Transformer at its own learning rate; and the mixers' telemetry
+#   over training. `--quick` is the small version.
+# - `benchmarks/memory_primitive.py` times the recurrence alone, chunkwise against per token, and
+#   `benchmarks/memory_tokens.py` the layers and whole models, for inference and training
+#   (`benchmarks/gpu_memory_tokens.sh` runs both on a GPU in one call).
 # - Related: `tasks.passkey` (one needle in filler), `nn.ttt_linear`, `nn.ttt_mlp` and `nn.titans`
 #   on the same primitive, and `path="token"` on any memory model to check a result against the
 #   per-token computation.
