@@ -674,12 +674,12 @@ class AssociativeMemory(nnx.Module):
         """The output and scalar statistics: gates, surprise, in-context update norm, divergence."""
         start = self.init_state(x.shape[0])
         y, end, aux = self.apply(x, start)
-        update = jnp.sqrt(
-            sum(
-                jnp.sum((e - s) ** 2, axis=(-2, -1)) for e, s in zip(end.memory.weights, start.memory.weights)
-            )
-        )
-        return y, memory_statistics(aux, update)
+        return y, memory_statistics(aux, update_norm(start.memory, end.memory))
+
+
+def update_norm(start: MemoryState, end: MemoryState) -> Array:
+    """How far a memory moved in context: the Frobenius norm of ``end - start`` over all its weights."""
+    return jnp.sqrt(sum(jnp.sum((e - s) ** 2, axis=(-2, -1)) for e, s in zip(end.weights, start.weights)))
 
 
 def memory_statistics(aux: dict[str, Array], update_norm: Array) -> dict[str, Array]:

@@ -46,6 +46,7 @@ from nestlearn.nn._assoc import (
     memory_apply,
     memory_statistics,
     token_write,
+    update_norm,
 )
 
 GENERATORS = ("k", "v", "lr", "gate")
@@ -172,15 +173,7 @@ class SelfModifyingMemory(nnx.Module):
         """The output and scalars: gates, surprise, divergence, and each memory's in-context update norm."""
         start = self.init_state(x.shape[0])
         y, end, aux = self.apply(x, start)
-        norms = {
-            name: jnp.sqrt(
-                sum(
-                    jnp.sum((e - s) ** 2, axis=(-2, -1))
-                    for e, s in zip(end.memory[name].weights, start.memory[name].weights)
-                )
-            )
-            for name in MEMORIES
-        }
+        norms = {name: update_norm(start.memory[name], end.memory[name]) for name in MEMORIES}
         stats = memory_statistics(aux, norms["memory"])
         stats.update({f"update_norm_{name}": jnp.mean(n) for name, n in norms.items() if name != "memory"})
         return y, stats
