@@ -422,7 +422,7 @@ def _linear_parallel(spec: MemorySpec, state: MemoryState, chunk_inputs, last: A
     else:
         k_tilde, v_tilde = k, v
     weighted = k * coef_last[..., None]  # diag(c_last) K
-    b = -jnp.swapaxes(weighted, 1, 2) @ (-v_tilde)  # K^T diag(c_last) V~
+    b = jnp.swapaxes(weighted, 1, 2) @ v_tilde  # K^T diag(c_last) V~
     eye = jnp.eye(k.shape[-1], dtype=k.dtype)
     if k_tilde is None:
         step = lambda w, ab: (ab[0][..., None, None] * w + ab[1], w)  # noqa: E731
