@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from nestlearn import continual, nn, tasks  # noqa: E402
+from nestlearn import continual, engine, nn, tasks  # noqa: E402
 from nestlearn.experiment._rundir import write_json  # noqa: E402
 
 
@@ -49,9 +49,10 @@ def learner_for(stream, *, strategy=None):
 
 
 def compiled_memory(learner, stream, seeds):
-    """XLA's memory analysis of the compiled task program (bytes), where the backend reports it."""
+    """XLA's memory analysis of the compiled chunk program (bytes), where the backend reports it."""
     state = learner.abstract_state(stream, seeds)
-    lowered = learner._task.lower(state, stream, np.int32(0), learner._n_epochs(stream))
+    steps = learner.config.steps_per_task
+    lowered = learner.engine.lower(state, stream, np.int32(0), learner._n_epochs(stream), count=steps)
     analysis = lowered.compile().memory_analysis()
     if analysis is None:
         return {}
@@ -83,7 +84,7 @@ def main():
             np.testing.assert_array_equal(z["train_y"][3, :7], np.asarray(y))
     learner = learner_for(stream, strategy=make_strategy(args))
     seeds = list(range(args.seeds))
-    mesh = continual.seed_mesh(len(seeds)) if jax.device_count() > 1 else None
+    mesh = engine.run_mesh(len(seeds)) if jax.device_count() > 1 else None
     result = learner.run(stream, seeds, mesh=mesh)
     first_run = time.perf_counter() - T0
     out = {

@@ -36,7 +36,7 @@ import numpy as np
 import optax
 import pandas as pd
 
-from nestlearn import continual, metrics, nn, tasks
+from nestlearn import continual, engine, metrics, nn, tasks
 from nestlearn.experiment._rundir import atomic_write, load_result, save_result, write_json
 
 WIDTH = 128
@@ -81,7 +81,7 @@ def model_for(dout: int):
 def run_with_telemetry(learner, stream, seeds, sweep, periods_of):
     """``Learner.run`` with per-task telemetry: per run and task, each level's updates, update norm, and
     the cosine between blocks; ``periods_of(run) -> (periods, io_period)``."""
-    runs = continual.sweep_runs(seeds, sweep)
+    runs = engine.run_grid(seeds, sweep)
     hparams = {k: [r[k] for r in runs] for k in sweep}
     state = learner.init(stream, [r["seed"] for r in runs], None, hparams)
     recorder = continual.Recorder(learner.config, stream, runs)

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -37,7 +37,7 @@ import numpy as np
 import optax
 import pandas as pd
 
-from nestlearn import continual, metrics, nn, plot, tasks
+from nestlearn import continual, engine, metrics, nn, plot, tasks
 
 SMALL = os.environ.get("NESTLEARN_SMALL") == "1"
 
@@ -279,14 +279,14 @@ pd.DataFrame(final_acc).rename_axis("ACC")
 # `Learner.run` never loops over seeds in Python: the seed is a leading `vmap` axis of one compiled
 # program, so all seeds train as one batched computation, and every array of a result starts with the
 # seed axis. Passing a `Mesh` with one axis named `"seeds"` splits that axis over several devices (GPUs,
-# TPU cores); `continual.seed_mesh(n)` builds one over the largest number of available devices that
+# TPU cores); `engine.run_mesh(n)` builds one over the largest number of available devices that
 # divides `n` evenly (five seeds on four devices use one device, on five devices one seed each). The
 # cell below builds the initial state over such a mesh and prints which device holds which seeds. On a
 # machine with one device the mesh has one device and nothing changes; to see the split on a CPU, start
 # Jupyter with `XLA_FLAGS=--xla_force_host_platform_device_count=4` in the environment.
 
 # %%
-mesh = continual.seed_mesh(len(SEEDS))
+mesh = engine.run_mesh(len(SEEDS))
 print("devices:", jax.devices())
 print("mesh:", mesh)
 state = make_learner(continual.Naive()).init(stream, SEEDS, mesh=mesh)

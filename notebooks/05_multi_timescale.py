@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -52,7 +52,7 @@ import numpy as np
 import optax
 import pandas as pd
 
-from nestlearn import continual, metrics, nn, optim, plot, tasks
+from nestlearn import continual, engine, metrics, nn, optim, plot, tasks
 
 SMALL = os.environ.get("NESTLEARN_SMALL") == "1"
 
@@ -371,7 +371,7 @@ sgd = optax.sgd(0.01, momentum=0.9)
 # CMS: the sweep written out, with telemetry at every task boundary.
 t0 = time.perf_counter()
 learner = continual.Learner(cms_model, cms_opt, continual.Naive(), config)
-runs = continual.sweep_runs(list(SEEDS), {"optimizer.period_base": BASES})
+runs = engine.run_grid(list(SEEDS), {"optimizer.period_base": BASES})
 state = learner.init(
     stream,
     [r["seed"] for r in runs],

@@ -7,6 +7,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("NESTLEARN_PROGRESS", "0")  # progress lines are tested where they are asked for
 
 import jax  # noqa: E402
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import make_tiny_stream
 from flax import nnx
 
-from nestlearn import ConfigError, continual, nn
+from nestlearn import ConfigError, continual, engine, nn
 from nestlearn.continual import Batch, Learner, TrainConfig
 
 
@@ -119,7 +119,7 @@ def test_run_records_matrix_curves_and_steps():
     np.testing.assert_allclose(result.acc_matrix[1], ref_rows, atol=1e-6)
     assert np.isnan(result.train_loss[:, 0]).all() and np.isfinite(result.train_loss[:, 1:]).all()
     assert (result.diverged_step == -1).all()
-    assert learner._task._cache_size() == 1  # one compiled program served all three tasks
+    assert learner.engine.n_traces == 1  # one compiled chunk program served every chunk of all three tasks
 
 
 @flax.struct.dataclass
@@ -197,7 +197,7 @@ def test_sharded_over_fake_devices_equals_single_device():
     stream = make_tiny_stream(n_tasks=2)
     config = TrainConfig(steps_per_task=6, batch_size=8, eval_every=3)
     learner = Learner(mlp(stream), optax.sgd(0.1, 0.9), continual.Naive(), config)
-    mesh = continual.seed_mesh(8)
+    mesh = engine.run_mesh(8)
     assert mesh.devices.size == 4
     state = learner.init(stream, list(range(8)), mesh)
     leaves = jax.tree.leaves(state)  # every leaf, zero-initialised momenta and counters too, split by seed
@@ -208,8 +208,10 @@ def test_sharded_over_fake_devices_equals_single_device():
     single = learner.run(stream, seeds=list(range(8)))
     np.testing.assert_allclose(sharded.curve_acc, single.curve_acc, atol=1e-6)
     np.testing.assert_allclose(sharded.train_loss, single.train_loss, rtol=1e-5)
-    with pytest.warns(UserWarning, match="6 seeds shard evenly over 3 of 4 devices"):
-        assert continual.seed_mesh(6).devices.size == 3  # the largest device count dividing the seeds
+    with pytest.warns(
+        UserWarning, match="6 runs do not divide over 4 devices \\(they shard evenly over 3\\)"
+    ):
+        assert engine.run_mesh(6).devices.size == 3  # the largest device count dividing the seeds
 
 
 def nan_at(update_index):
@@ -228,11 +230,14 @@ def nan_at(update_index):
 def test_divergence_is_recorded_with_its_step():
     stream = make_tiny_stream(n_tasks=2)
     config = TrainConfig(steps_per_task=5, batch_size=8)
-    # Update 6 (0-based) is NaN, so the loss of global step 7 is the first non-finite one.
+    # Update 6 (0-based) is NaN: global step 6 is the first whose update is not finite. The engine's
+    # policy records it, skips the update and freezes the run, so its accuracies from there on are NaN
+    # (task 1 runs steps 5-9: its in-task and end-of-task rows have no score) and task 0's row keeps its.
     learner = Learner(mlp(stream), optax.chain(optax.sgd(0.1), nan_at(6)), continual.Naive(), config)
     result = learner.run(stream, seeds=[0, 1])
-    np.testing.assert_array_equal(result.diverged_step, [7, 7])
+    np.testing.assert_array_equal(result.diverged_step, [6, 6])
     assert result.diverged.all()
+    assert np.isfinite(result.acc_matrix[:, 0]).all() and np.isnan(result.acc_matrix[:, 1]).all()
     healthy = Learner(mlp(stream), optax.chain(optax.sgd(0.1), nan_at(99)), continual.Naive(), config)
     assert (healthy.run(stream, seeds=[0]).diverged_step == -1).all()
 
@@ -325,7 +330,7 @@ def test_sweep_over_strategy_and_optimizer_hyperparameters_equals_separate_runs(
     # The penalty does act: the strongest shrinkage ends with the largest training loss.
     by_lam = swept.groups("lam")
     assert by_lam[(0.5,)].train_loss[:, -1].mean() > by_lam[(0.0,)].train_loss[:, -1].mean()
-    assert learner._task._cache_size() == 1
+    assert learner.engine.n_traces == 1
 
 
 def test_sweep_errors_name_the_hyperparameter():

@@ -323,7 +323,7 @@ def test_sweep_runs_in_one_program_and_zero_strength_is_naive(naive_run, strateg
     stream, config, naive = naive_run
     learner = Learner(mlp(stream), optax.sgd(0.1), strategy, config)
     result = learner.run(stream, seeds=[0, 1], sweep={name: [0.0, big]})
-    assert learner._task._cache_size() == 1  # every task and every sweep point: one compiled program
+    assert learner.engine.n_traces == 1  # every chunk, task and sweep point: one compiled chunk program
     assert result.acc_matrix.shape == (4, 3, 3)
     assert np.isfinite(result.train_loss[:, 1:]).all() and (result.diverged_step == -1).all()
     # Strength 0: the penalty is the only difference, so the runs are Naive's, seed by seed.

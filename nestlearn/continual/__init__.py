@@ -7,10 +7,7 @@ from nestlearn.continual._engine import (
     RunState,
     TaskOutput,
     TrainConfig,
-    seed_mesh,
-    seed_sharding,
     steps_for_epochs,
-    sweep_runs,
 )
 from nestlearn.continual._memory import (
     AGEM,
@@ -60,9 +57,6 @@ __all__ = [
     "StreamResult",
     "TaskOutput",
     "TrainConfig",
-    "seed_mesh",
-    "seed_sharding",
     "steps_for_epochs",
-    "sweep_runs",
 ]
 __all__ += ["FastSlow", "FastSlowState", "nested_cms"]

@@ -10,10 +10,7 @@ progress and write results. Nothing here loops over steps in Python.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import itertools
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import flax.struct
@@ -22,12 +19,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from nestlearn._errors import ConfigError
 from nestlearn.continual._result import StreamResult
 from nestlearn.continual._strategy import Batch, Context, Params, Strategy
+from nestlearn.engine import (
+    Engine,
+    Functional,
+    Guard,
+    Progress,
+    check_seeds,
+    compile_once,
+    nan_unless,
+    norms,
+    run_grid,
+    run_keys,
+    shard_runs,
+)
 from nestlearn.tasks._stream import TaskStream
 
 
@@ -41,28 +51,49 @@ class TrainConfig:
       batch_size: examples per step.
       eval_every: evaluate every task of the stream every this many steps inside a task (and always at a
         task's end); ``None`` evaluates only at task ends.
+      evals_per_task: instead of ``eval_every``, exactly this many evaluation points per task, the last
+        at the task's end, the others at evenly spaced steps (``round(k * steps_per_task / n)``).
       reset_optimizer: re-initialise the optimizer state (momenta) at the start of every task.
+      blowup: a finite training loss above this counts as divergence too (``None``: only NaN and inf).
     """
 
     steps_per_task: int
     batch_size: int
     eval_every: int | None = None
     reset_optimizer: bool = False
+    evals_per_task: int | None = None
+    blowup: float | None = None
 
     def __post_init__(self):
         for name in ("steps_per_task", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.eval_every is not None and (not isinstance(self.eval_every, int) or self.eval_every <= 0):
-            raise ConfigError(f"eval_every must be a positive integer or None, got {self.eval_every!r}")
+        for name in ("eval_every", "evals_per_task"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.eval_every is not None and self.evals_per_task is not None:
+            raise ConfigError("set eval_every (a period) or evals_per_task (a count), not both")
+        Guard(blowup=self.blowup)  # checks it
+
+    @property
+    def eval_steps(self) -> tuple[int, ...]:
+        """The steps inside a task after which every task is evaluated; the last is the task's end."""
+        n = self.steps_per_task
+        if self.evals_per_task is not None:
+            k = min(self.evals_per_task, n)
+            points = sorted({max(1, round(i * n / k)) for i in range(1, k + 1)})
+        elif self.eval_every is not None:
+            points = list(range(self.eval_every, n, self.eval_every)) + [n]
+        else:
+            points = [n]
+        return tuple(points)
 
     @property
     def evals_inside_task(self) -> int:
         """Evaluation points strictly inside a task (the end-of-task evaluation is separate)."""
-        if self.eval_every is None:
-            return 0
-        return (self.steps_per_task - 1) // self.eval_every
+        return len(self.eval_steps) - 1
 
 
 def steps_for_epochs(epochs: float, n_train: int | TaskStream, batch_size: int) -> int:
@@ -75,6 +106,7 @@ def steps_for_epochs(epochs: float, n_train: int | TaskStream, batch_size: int) 
     return max(1, math.ceil(epochs * n_train / batch_size))
 
 
+NORMS = ("grad_norm", "update_norm", "param_norm")
 STEP_STREAM = 0x5EED  # folded into a run's key to derive per-step keys apart from per-task keys
 
 
@@ -83,18 +115,22 @@ class RunState(flax.struct.PyTreeNode):
 
     Attributes:
       params: model parameters (an ``nnx.State``).
+      model_state: the model's other variables (batch statistics, dropout RNG streams; empty for most
+        models), carried through training steps and checkpointed with the rest.
       opt_state: the optax optimizer state.
       strategy: the strategy itself, a pytree whose leaves are its hyperparameters, so that a sweep
         gives every run its own values (vmapped, sharded and checkpointed with the rest).
       opt_hparams: the optimizer hyperparameters a sweep sets in an ``optax.inject_hyperparams``
         state, re-applied whenever the optimizer state is re-initialised (``{}`` otherwise).
       strategy_state: the strategy's state.
-      key: the run's PRNG key; each task and step folds its index in, never advancing it in place.
+      key: the run's PRNG key (typed); each task and step folds its index in, never advancing it in place.
       step: global optimizer steps taken so far (int32).
-      diverged_step: first global step whose loss was NaN or inf, ``-1`` while finite (int32).
+      diverged_step: first global step whose loss or update was NaN or inf (or whose loss passed the
+        blow-up threshold), ``-1`` while healthy (int32). A diverged run is frozen from that step.
     """
 
     params: Params
+    model_state: PyTree
     opt_state: optax.OptState
     strategy: Strategy
     opt_hparams: dict[str, Array]
@@ -111,13 +147,23 @@ class TaskOutput(flax.struct.PyTreeNode):
     curve: Float[Array, "evals task"]  # accuracy on every task at the in-task evaluation points
     loss: Float[Array, " points"]  # mean training loss since the previous evaluation point
     train_acc: Float[Array, " points"]  # mean accuracy on the training batches, measured before each update
+    norms: dict  # mean global norms of gradients, updates and parameters per span: {name: [points]}
 
 
 class Learner:
-    """A model, an optax optimizer and a strategy, compiled to run a task stream.
+    """A model, an optax optimizer and a strategy, compiled to run a task stream on the engine.
+
+    A task runs as three compiled programs called by the host: its start (the strategy's ``begin_task``,
+    the optimizer reset), chunks of steps up to each evaluation point (:class:`nestlearn.engine.Engine`
+    with a traced step count, so every chunk length shares one program, each chunk followed by an
+    evaluation of every task), and its end (``end_task`` and the evaluation that makes a row of the
+    accuracy matrix). Runs (seeds, sweep points) are a vmapped leading axis, sharded over a mesh; the host
+    regains control between chunks, where it reports progress.
 
     Args:
-      model: builds the Flax NNX model from ``nnx.Rngs`` (called once per seed, under ``vmap``).
+      model: builds the Flax NNX model from ``nnx.Rngs`` (called once per seed, under ``vmap``). Models
+        with non-parameter state (``nnx.BatchNorm``, ``nnx.Dropout``) train in train mode, the state
+        carried in :attr:`RunState.model_state`, and are evaluated in eval mode.
       optimizer: any ``optax.GradientTransformation``.
       strategy: a :class:`Strategy` (``Naive()``, ``Joint()``, ...).
       config: a :class:`TrainConfig`.
@@ -129,7 +175,7 @@ class Learner:
       >>> stream = tasks.split_digits("task")
       >>> learner = continual.Learner(lambda rngs: nn.MLP(64, (32,), 10, rngs=rngs),
       ...     optax.sgd(0.1), continual.Naive(), continual.TrainConfig(steps_per_task=20, batch_size=32))
-      >>> result = learner.run(stream, seeds=[0, 1])
+      >>> result = learner.run(stream, seeds=[0, 1], progress=False)
       >>> result.acc_matrix.shape
       (2, 5, 5)
     """
@@ -150,29 +196,40 @@ class Learner:
         self.optimizer = optimizer
         self.strategy = strategy
         self.config = config
-        abstract_model = jax.eval_shape(lambda: model(nnx.Rngs(0)))
-        self._graphdef = nnx.split(abstract_model)[0]
-        self._has_features = callable(getattr(abstract_model, "features", None))
-        # Initialisation runs once per run: compile it without LLVM's optimisations on CPU, where they
-        # cost about two seconds (threefry for every parameter) and save a few milliseconds of run time.
-        fast_compile = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-        self._init = jax.jit(
-            jax.vmap(self._init_one, in_axes=(0, 0, 0, None, 0)), compiler_options=fast_compile
+        self.fn = Functional(model)
+        self._has_features = self.fn.has("features")
+        self._init = compile_once(self._init_one, in_axes=(0, 0, 0, None, 0))
+        self._evaluate_init = compile_once(self._evaluate, in_axes=(0, 0, None))
+        self.engine = Engine(
+            self._step,
+            length=None,
+            in_axes=(None, None, None),
+            static=1,  # the number of reshuffled epochs (a shape)
+            guard=Guard(blowup=config.blowup),
+            prepare=lambda state, stream, task, n_epochs: (
+                stream,
+                task,
+                self._order(state, stream, task, n_epochs),
+            ),
+            evaluate=lambda state, stream, task, order: {
+                "acc_row": self._evaluate(state.params, state.model_state, stream)
+            },
         )
-        self._evaluate_init = jax.jit(jax.vmap(self._evaluate, in_axes=(0, None)))
-        self._task = jax.jit(
-            lambda state, stream, task, n_epochs: jax.vmap(
-                functools.partial(self._run_task_one, n_epochs=n_epochs), in_axes=(0, None, None)
-            )(state, stream, task),
-            static_argnums=3,
-            donate_argnums=0,
-        )
+        self._begin = jax.jit(jax.vmap(self._begin_task_one, in_axes=(0, None, None)), donate_argnums=0)
+        self._end = jax.jit(jax.vmap(self._end_task_one, in_axes=(0, None, None)), donate_argnums=0)
 
-    # -- the pure, per-seed pieces --------------------------------------------------------------
+    # -- the pure, per-run pieces ----------------------------------------------------------------
 
-    def apply(self, params: Params, x: Float[Array, "b d"]) -> Float[Array, "b c"]:
-        """The model as a pure function of its parameters."""
-        return nnx.merge(self._graphdef, params)(x)
+    def apply(
+        self, params: Params, x: Float[Array, "b d"], model_state: PyTree = None
+    ) -> Float[Array, "b c"]:
+        """The model as a pure function of its parameters, in eval mode."""
+        return self.fn.eval(params, model_state if model_state is not None else self._empty_state(), x)
+
+    def _empty_state(self):
+        if self.fn.stateful:
+            raise ValueError("this model has non-parameter state: pass model_state")
+        return self.fn.abstract_rest
 
     def _init_optimizer(self, params: Params, opt_hparams: dict[str, Array]) -> optax.OptState:
         opt_state = self.optimizer.init(params)
@@ -187,10 +244,11 @@ class Learner:
         params: Params | None = None,
     ) -> RunState:
         k_model, k_run = jax.random.split(key)
-        if params is None:
-            params = nnx.split(self.model(nnx.Rngs(k_model)))[1]
+        model_params, model_state = self.fn.init(k_model)
+        params = model_params if params is None else params
         return RunState(
             params=params,
+            model_state=model_state,
             opt_state=self._init_optimizer(params, opt_hparams),
             strategy=strategy,
             opt_hparams=opt_hparams,
@@ -200,106 +258,84 @@ class Learner:
             diverged_step=jnp.full((), -1, jnp.int32),
         )
 
-    def _evaluate(self, params: Params, stream: TaskStream) -> Float[Array, " task"]:
+    def _evaluate(self, params: Params, model_state: PyTree, stream: TaskStream) -> Float[Array, " task"]:
         """Accuracy on every task's test set (tasks in sequence with ``lax.map`` to bound memory)."""
 
         def one(task):
             x, y, valid = stream.test_set(task)
-            logits = jnp.where(stream.class_mask[task], self.apply(params, x), -jnp.inf)
+            logits = jnp.where(stream.class_mask[task], self.fn.eval(params, model_state, x), -jnp.inf)
             hit = (jnp.argmax(logits, -1) == y) & valid
             return hit.sum() / jnp.maximum(valid.sum(), 1)
 
         return jax.lax.map(one, jnp.arange(stream.n_tasks, dtype=jnp.int32)).astype(jnp.float32)
 
-    def _loss(self, params, strategy: Strategy, strategy_state, batch: Batch, ctx: Context):
-        logits = ctx.logits(params, batch.x, batch.task)
+    def _loss(self, params, model_state, strategy: Strategy, strategy_state, batch: Batch, ctx: Context):
+        out, model_state = self.fn.train(params, model_state, batch.x)
+        logits = jnp.where(ctx.stream.class_mask[batch.task], out, -jnp.inf)
         task_loss = batch.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch.y))
         correct = batch.mean((jnp.argmax(logits, -1) == batch.y).astype(jnp.float32))
-        return task_loss + strategy.penalty(strategy_state, params, batch, ctx), (task_loss, correct)
+        penalty = strategy.penalty(strategy_state, params, batch, ctx)
+        return task_loss + penalty, (task_loss, correct, model_state)
 
-    def _features(self, params: Params, x):
-        return nnx.merge(self._graphdef, params).features(x)
+    def _context(self, stream: TaskStream, task, step, key, model_state) -> Context:
+        apply = lambda p, x: self.fn.eval(p, model_state, x)
+        features = (
+            (lambda p, x: self.fn.eval(p, model_state, x, method="features")) if self._has_features else None
+        )
+        return Context(stream=stream, task=task, step=step, key=key, apply=apply, features=features)
 
-    def _context(self, stream: TaskStream, task, step, key) -> Context:
-        features = self._features if self._has_features else None
-        return Context(stream=stream, task=task, step=step, key=key, apply=self.apply, features=features)
+    def _order(self, state: RunState, stream: TaskStream, task, n_epochs: int):
+        """Reshuffled epochs: row e lists the task's valid examples in a fresh random order (padding last).
 
-    def _run_task_one(self, state: RunState, stream: TaskStream, task: Int[Array, ""], *, n_epochs: int):
-        cfg = self.config
-        b = cfg.batch_size
-        task = jnp.asarray(task, jnp.int32)
+        Example ``p`` of the task's sequence is ``order[p // n, p % n]``; the order depends only on the
+        run's key and the task, so every chunk of the task recomputes the same one.
+        """
+        valid = jnp.arange(stream.max_train) < stream.train_n[task]
+        task_key = jax.random.fold_in(state.key, task)
+        sort_keys = jax.random.uniform(jax.random.fold_in(task_key, 0), (n_epochs, stream.max_train))
+        return jnp.argsort(jnp.where(valid, sort_keys, 2.0), axis=1).astype(jnp.int32)
+
+    def _begin_task_one(self, state: RunState, stream: TaskStream, task) -> RunState:
         # Keys: fold_in(key, task) for the task (then 0: epoch order, 1: begin_task, 2: end_task), and
         # fold_in(fold_in(key, STEP_STREAM), global step), split in four for the hooks of that step.
-        task_key = jax.random.fold_in(state.key, task)
-        n = stream.train_n[task]
-        # Reshuffled epochs: row e of `order` lists the task's valid examples in a fresh random order
-        # (padding rows sort last). Example p of the task's sequence is order[p // n, p % n].
-        valid = jnp.arange(stream.max_train) < n
-        sort_keys = jax.random.uniform(jax.random.fold_in(task_key, 0), (n_epochs, stream.max_train))
-        order = jnp.argsort(jnp.where(valid, sort_keys, 2.0), axis=1).astype(jnp.int32)
-
-        if cfg.reset_optimizer:
+        if self.config.reset_optimizer:
             state = state.replace(opt_state=self._init_optimizer(state.params, state.opt_hparams))
-        ctx = self._context(stream, task, state.step, jax.random.fold_in(task_key, 1))
-        state = state.replace(
-            strategy_state=state.strategy.begin_task(state.strategy_state, state.params, ctx)
+        key = jax.random.fold_in(jax.random.fold_in(state.key, task), 1)
+        ctx = self._context(stream, task, state.step, key, state.model_state)
+        sstate = state.strategy.begin_task(state.strategy_state, state.params, ctx)
+        return state.replace(strategy_state=sstate)
+
+    def _step(self, state: RunState, stream: TaskStream, task, order):
+        """One optimizer step of one run on task ``task`` (the engine guards, counts and loops it)."""
+        b = self.config.batch_size
+        n = stream.train_n[task]
+        s = state.step - task * self.config.steps_per_task  # the step's index inside the task
+        p = s * b + jnp.arange(b, dtype=jnp.int32)
+        pos = order[p // n, p % n]
+        x, y = stream.train_examples(jnp.full((b,), task), pos)
+        keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(state.key, STEP_STREAM), state.step), 4)
+        ctx = self._context(stream, task, state.step, keys[0], state.model_state)
+        strategy, sstate = state.strategy, state.strategy_state
+        batch = strategy.train_batch(sstate, Batch(x=x, y=y, task=jnp.full((b,), task)), ctx)
+        (_, (task_loss, correct, model_state)), grads = jax.value_and_grad(self._loss, has_aux=True)(
+            state.params, state.model_state, strategy, sstate, batch, ctx.replace(key=keys[1])
         )
+        grads = strategy.transform_grads(sstate, state.params, grads, batch, ctx.replace(key=keys[2]))
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        sstate, params = strategy.after_step(sstate, params, grads, batch, ctx.replace(key=keys[3]))
+        new = state.replace(
+            params=params, model_state=model_state, opt_state=opt_state, strategy_state=sstate
+        )
+        return new, {"loss": task_loss, "acc": correct, **norms(grads, updates, params)}
 
-        def step(state: RunState, s):
-            p = s * b + jnp.arange(b, dtype=jnp.int32)
-            pos = order[p // n, p % n]
-            x, y = stream.train_examples(jnp.full((b,), task), pos)
-            step_key = jax.random.fold_in(jax.random.fold_in(state.key, STEP_STREAM), state.step)
-            keys = jax.random.split(step_key, 4)
-            ctx = self._context(stream, task, state.step, keys[0])
-            strategy, sstate = state.strategy, state.strategy_state
-            batch = strategy.train_batch(sstate, Batch(x=x, y=y, task=jnp.full((b,), task)), ctx)
-            (_, (task_loss, correct)), grads = jax.value_and_grad(self._loss, has_aux=True)(
-                state.params, strategy, sstate, batch, ctx.replace(key=keys[1])
-            )
-            grads = strategy.transform_grads(sstate, state.params, grads, batch, ctx.replace(key=keys[2]))
-            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            sstate, params = strategy.after_step(sstate, params, grads, batch, ctx.replace(key=keys[3]))
-            finite = jnp.isfinite(task_loss)
-            new = state.replace(
-                params=params,
-                opt_state=opt_state,
-                strategy_state=sstate,
-                step=state.step + 1,
-                diverged_step=jnp.where((state.diverged_step < 0) & ~finite, state.step, state.diverged_step),
-            )
-            return new, (task_loss, correct)
-
-        def run_steps(state, first, count):
-            state, (losses, correct) = jax.lax.scan(step, state, first + jnp.arange(count, dtype=jnp.int32))
-            return state, (losses.mean(), correct.mean())
-
-        n_inside = cfg.evals_inside_task
-        curve = jnp.zeros((0, stream.n_tasks), jnp.float32)
-        chunk_losses = jnp.zeros((0,), jnp.float32)
-        chunk_acc = jnp.zeros((0,), jnp.float32)
-        if n_inside:
-
-            def chunk(state, c):
-                state, (loss, acc) = run_steps(state, c * cfg.eval_every, cfg.eval_every)
-                return state, (self._evaluate(state.params, stream), loss, acc)
-
-            state, (curve, chunk_losses, chunk_acc) = jax.lax.scan(
-                chunk, state, jnp.arange(n_inside, dtype=jnp.int32)
-            )
-        done = n_inside * (cfg.eval_every or 0)
-        state, (last_loss, last_acc) = run_steps(state, done, cfg.steps_per_task - done)
-        ctx = self._context(stream, task, state.step, jax.random.fold_in(task_key, 2))
+    def _end_task_one(self, state: RunState, stream: TaskStream, task):
+        key = jax.random.fold_in(jax.random.fold_in(state.key, task), 2)
+        ctx = self._context(stream, task, state.step, key, state.model_state)
         sstate, params = state.strategy.end_task(state.strategy_state, state.params, ctx)
         state = state.replace(strategy_state=sstate, params=params)
-        acc_row = self._evaluate(state.params, stream)
-        return state, TaskOutput(
-            acc_row=acc_row,
-            curve=curve,
-            loss=jnp.concatenate([chunk_losses, last_loss[None]]),
-            train_acc=jnp.concatenate([chunk_acc, last_acc[None]]),
-        )
+        acc = self._evaluate(state.params, state.model_state, stream)
+        return state, nan_unless(state.diverged_step < 0, acc)
 
     # -- the host side ---------------------------------------------------------------------------
 
@@ -316,52 +352,87 @@ class Learner:
         Args:
           stream: the task stream.
           seeds: the seed of each run.
-          mesh: optional mesh with a ``"seeds"`` axis (see :func:`seed_mesh`).
+          mesh: optional one-axis mesh over which runs are sharded (see :func:`nestlearn.engine.run_mesh`).
           hparams: per-run hyperparameter values, each a sequence as long as ``seeds``: a strategy field
             by its name (``"lam"``), or an ``optax.inject_hyperparams`` hyperparameter of the optimizer
-            as ``"optimizer.<name>"`` (``"optimizer.learning_rate"``).
+            as ``"optimizer.<name>"`` (``"optimizer.learning_rate"``); a value may be a list (a
+            list-valued hyperparameter such as per-level rates).
           init_params: start from these parameters instead of the model's random initialisation (a
             meta-learned or pre-trained start): the model's parameter pytree, either one for every run or
             stacked with a leading axis of one entry per run. The seeds still drive everything else.
         """
+        self._check_stream(stream)
         keys, strategies, opt_hparams = self._run_inputs(seeds, hparams or {})
         params = None if init_params is None else self._stack_init_params(init_params, len(seeds))
         state = self._init(keys, strategies, opt_hparams, stream, params)
-        if mesh is not None:
-            state = jax.device_put(state, seed_sharding(mesh))
-        return state
+        return shard_runs(state, mesh)
+
+    def _check_stream(self, stream: TaskStream) -> None:
+        """A clear error when the model's outputs do not fit the stream's inputs or classes."""
+        x = jax.ShapeDtypeStruct((1, stream.input_dim), jnp.float32)
+        try:
+            out = jax.eval_shape(self.fn.eval, self.fn.abstract_params, self.fn.abstract_rest, x)
+        except Exception as e:  # noqa: BLE001 - any failure here means the shapes do not fit
+            raise ConfigError(
+                f"the model does not take the stream's inputs of {stream.input_dim} features: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ) from None
+        if out.ndim != 2 or out.shape[-1] != stream.n_classes:
+            raise ConfigError(
+                f"the model outputs {tuple(out.shape[1:])} per example but stream {stream.name!r} has "
+                f"{stream.n_classes} classes: build the model with {stream.n_classes} outputs"
+            )
 
     def _run_inputs(self, seeds: Sequence[int], hparams: Mapping[str, Sequence[float]]):
+        seeds = check_seeds(seeds)
         n = len(seeds)
-        fields = (
-            {f.name for f in dataclasses.fields(self.strategy)}
-            if dataclasses.is_dataclass(self.strategy)
-            else set()
-        )
+        fields = {f.name: f for f in dataclasses.fields(self.strategy)}
+        leaves = {k for k, f in fields.items() if f.metadata.get("pytree_node", True)}
         strategy_values, opt_values = {}, {}
         for name, values in hparams.items():
-            values = np.asarray(values, np.float32)
-            if values.shape != (n,):
+            try:
+                values = np.asarray(values, np.float32)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"hyperparameter {name!r}: values must be numbers, got {values!r}"
+                ) from None
+            if values.shape[:1] != (n,):
                 raise ConfigError(
                     f"hyperparameter {name!r} needs one value per run ({n}), got shape {values.shape}"
                 )
+            if not np.isfinite(values).all():
+                raise ConfigError(
+                    f"hyperparameter {name!r} has a value that is not finite: {values.tolist()}"
+                )
             if name.startswith("optimizer."):
                 opt_values[name.removeprefix("optimizer.")] = jnp.asarray(values)
-            elif name in fields:
+            elif name in leaves:
                 strategy_values[name] = values
+            elif name in fields:
+                raise ConfigError(
+                    f"{type(self.strategy).__name__}.{name} is a structural field (it shapes arrays), so it "
+                    "cannot vary inside one program: run one Learner per value instead of sweeping it"
+                )
             else:
-                known = ", ".join(sorted(fields)) or "none"
+                known = ", ".join(sorted(leaves)) or "none"
                 raise ConfigError(
                     f"unknown hyperparameter {name!r} for {type(self.strategy).__name__} (fields: {known}; "
                     "optimizer hyperparameters are named 'optimizer.<name>')"
                 )
+        self._check_strength(strategy_values)
         if opt_values:
             probe = jax.eval_shape(self.optimizer.init, self.abstract_params())
             missing = object()
-            for name in opt_values:
-                if optax.tree_utils.tree_get(probe, name, default=missing) is missing:
+            for name, values in opt_values.items():
+                held = optax.tree_utils.tree_get(probe, name, default=missing)
+                if held is missing:
                     raise ConfigError(
                         f"optimizer has no hyperparameter {name!r}; wrap it in optax.inject_hyperparams to sweep it"
+                    )
+                if tuple(values.shape[1:]) != tuple(np.shape(held)):
+                    raise ConfigError(
+                        f"optimizer hyperparameter {name!r} has shape {tuple(np.shape(held))}; each swept "
+                        f"value has shape {tuple(values.shape[1:])}"
                     )
         strategies = [
             dataclasses.replace(self.strategy, **{k: v[r] for k, v in strategy_values.items()})
@@ -370,10 +441,20 @@ class Learner:
             for r in range(n)
         ]
         stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x, jnp.float32) for x in xs]), *strategies)
-        keys = jax.vmap(jax.random.PRNGKey)(
-            jnp.asarray(np.asarray(seeds, np.uint32))
-        )  # raw keys checkpoint as arrays
-        return keys, stacked, opt_values
+        return run_keys(seeds), stacked, opt_values
+
+    def _check_strength(self, strategy_values: Mapping[str, np.ndarray]) -> None:
+        """The strategy's strength (its ``strength`` field) must be finite and non-negative."""
+        field = getattr(type(self.strategy), "strength", None)
+        if field is None:
+            return
+        values = strategy_values.get(field, np.asarray(getattr(self.strategy, field, 0.0), np.float32))
+        values = np.asarray(values, np.float64)
+        if not np.isfinite(values).all() or (values < 0).any():
+            raise ConfigError(
+                f"{type(self.strategy).__name__}.{field} must be finite and non-negative, got "
+                f"{values.ravel().tolist() if values.ndim else float(values)}"
+            )
 
     def _stack_init_params(self, init_params: Params, n: int) -> Params:
         """``init_params`` with a leading run axis of ``n``; a clear error if it is not the model's pytree."""
@@ -403,7 +484,7 @@ class Learner:
 
     def abstract_params(self) -> Params:
         """Shapes and dtypes of the model's parameters."""
-        return nnx.split(jax.eval_shape(lambda: self.model(nnx.Rngs(0))))[1]
+        return self.fn.abstract_params
 
     def abstract_state(
         self, stream: TaskStream, seeds: Sequence[int], hparams: Mapping[str, Sequence[float]] | None = None
@@ -421,14 +502,49 @@ class Learner:
 
     def evaluate(self, state: RunState, stream: TaskStream) -> Float[Array, "seed task"]:
         """Accuracy of every seed on every task (used for the accuracies before training)."""
-        return self._evaluate_init(state.params, stream)
+        return self._evaluate_init(state.params, state.model_state, stream)
 
-    def run_task(self, state: RunState, stream: TaskStream, task: int) -> tuple[RunState, TaskOutput]:
-        """Trains every seed on task ``task`` with one call of the compiled program.
+    def run_task(
+        self,
+        state: RunState,
+        stream: TaskStream,
+        task: int,
+        *,
+        on_chunk: Callable[[int, int, dict], None] | None = None,
+    ) -> tuple[RunState, TaskOutput]:
+        """Trains every run on task ``task``: its start, one compiled chunk per evaluation point, its end.
 
-        ``state`` is donated: use the returned state, not the argument, afterwards.
+        ``state`` is donated: use the returned state, not the argument, afterwards. ``on_chunk(done,
+        total, metrics)`` is called on the host after every chunk (``done`` of ``total`` steps of the task,
+        ``metrics`` the chunk's per-run means), e.g. for progress.
         """
-        return self._task(state, stream, jnp.asarray(task, jnp.int32), self._n_epochs(stream))
+        n_epochs = self._n_epochs(stream)
+        task_ = jnp.asarray(task, jnp.int32)
+        state = self._begin(state, stream, task_)
+        points = self.config.eval_steps
+        curve, spans = [], []
+        first = 0
+        for i, end in enumerate(points):
+            last = i == len(points) - 1
+            state, m = self.engine.run(state, stream, task_, n_epochs, count=end - first)
+            if not last:
+                curve.append(m.pop("acc_row"))
+            else:
+                m.pop("acc_row")
+            spans.append(m)
+            first = end
+            if on_chunk is not None:
+                on_chunk(end, self.config.steps_per_task, m)
+        state, acc_row = self._end(state, stream, task_)
+        stack = lambda k: jnp.stack([m[k] for m in spans], 1)
+        n_runs = acc_row.shape[0]
+        return state, TaskOutput(
+            acc_row=acc_row,
+            curve=jnp.stack(curve, 1) if curve else jnp.zeros((n_runs, 0, stream.n_tasks), jnp.float32),
+            loss=stack("loss"),
+            train_acc=stack("acc"),
+            norms={k: stack(k) for k in NORMS},
+        )
 
     def _n_epochs(self, stream: TaskStream) -> int:
         """Reshuffled epochs a task can need: enough for the smallest task (a static shape)."""
@@ -443,6 +559,7 @@ class Learner:
         mesh: Mesh | None = None,
         on_task_end: Callable[[int, RunState, StreamResult], None] | None = None,
         init_params: Params | None = None,
+        progress: bool | None = None,
     ) -> StreamResult:
         """Runs the whole stream for every seed (and every sweep point) in one program.
 
@@ -452,42 +569,45 @@ class Learner:
           sweep: hyperparameter values to sweep, e.g. ``{"lam": [1, 10, 100]}`` for a strategy field or
             ``{"optimizer.learning_rate": [...]}`` (see :meth:`init`). The runs are the product of all
             value lists and the seeds, sweep-major, each a row of the result (``result.runs``).
-          mesh: optional device mesh with one axis named ``"seeds"`` over which runs are sharded.
+          mesh: optional device mesh with one axis over which runs are sharded.
           on_task_end: called on the host after each task with the task index, the state and the
             results so far (rows of later tasks still zero).
           init_params: start every run (or, stacked, each run) from these parameters; see :meth:`init`.
+          progress: a progress line (a bar in Jupyter) with an ETA after every chunk; ``None`` follows
+            ``NESTLEARN_PROGRESS``.
 
         Returns:
           A :class:`StreamResult` with one row per run.
         """
-        runs = sweep_runs(seeds, sweep or {})
+        runs = run_grid(seeds, sweep or {})
         hparams = {k: [r[k] for r in runs] for k in (sweep or {})}
         state = self.init(stream, [r["seed"] for r in runs], mesh, hparams, init_params)
         recorder = Recorder(self.config, stream, runs)
         recorder.record_init(self.evaluate(state, stream))
+        steps = self.config.steps_per_task
+        bar = Progress(stream.n_tasks * steps, f"{type(self.strategy).__name__}", enabled=progress)
         for task in range(stream.n_tasks):
-            state, out = self.run_task(state, stream, task)
+            report = task_progress(bar, task, stream.n_tasks, steps) if bar.enabled else None
+            state, out = self.run_task(state, stream, task, on_chunk=report)
             recorder.record_task(task, out, state.diverged_step)
             if on_task_end is not None:
                 on_task_end(task, state, recorder.result())
         return recorder.result()
 
 
-def sweep_runs(seeds: Sequence[int], sweep: Mapping[str, Sequence[float]]) -> list[dict[str, float | int]]:
-    """The runs of a sweep: every combination of the values (in order), times every seed.
+def task_progress(bar: Progress, task: int, n_tasks: int, steps_per_task: int) -> Callable:
+    """The ``on_chunk`` callback of :meth:`Learner.run_task` that reports a task's chunks to ``bar``."""
 
-    Example:
-      >>> sweep_runs([0, 1], {"lam": [1.0, 10.0]})
-      [{'lam': 1.0, 'seed': 0}, {'lam': 1.0, 'seed': 1}, {'lam': 10.0, 'seed': 0}, {'lam': 10.0, 'seed': 1}]
-    """
-    for name, values in sweep.items():
-        if len(values) == 0:
-            raise ConfigError(f"sweep {name!r} has no values")
-    names = list(sweep)
-    combos = itertools.product(*(sweep[k] for k in names))
-    return [
-        {**dict(zip(names, (float(v) for v in combo))), "seed": int(s)} for combo in combos for s in seeds
-    ]
+    def report(done: int, total: int, metrics: dict) -> None:
+        bar.update(task * steps_per_task + done, task=f"{task + 1}/{n_tasks}", loss=_mean(metrics["loss"]))
+
+    return report
+
+
+def _mean(values) -> float:
+    """The mean over runs that have a value (NaN when none has)."""
+    values = np.asarray(values, np.float64)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
 class Recorder:
@@ -501,8 +621,8 @@ class Recorder:
         self.runs = tuple(runs)
         n_seeds = len(self.runs)
         self.task_names = stream.task_names or tuple(f"task {t}" for t in range(stream.n_tasks))
-        t, per = stream.n_tasks, config.evals_inside_task + 1
-        steps_in_task = [(i + 1) * (config.eval_every or 0) for i in range(per - 1)] + [config.steps_per_task]
+        steps_in_task = config.eval_steps
+        t, per = stream.n_tasks, len(steps_in_task)
         self.curve_steps = np.array(
             [0] + [task * config.steps_per_task + s for task in range(t) for s in steps_in_task], np.int64
         )
@@ -515,6 +635,7 @@ class Recorder:
             "train_acc": np.full((n_seeds, 1 + t * per), np.nan, np.float32),
             "diverged_step": np.full((n_seeds,), -1, np.int64),
             "tasks_done": np.zeros((), np.int64),
+            **{f"norm_{k}": np.full((n_seeds, 1 + t * per), np.nan, np.float32) for k in NORMS},
         }
 
     def record_init(self, acc: Float[Array, "seed task"]) -> None:
@@ -530,6 +651,8 @@ class Recorder:
         )
         self.arrays["train_loss"][:, sl] = np.asarray(out.loss)
         self.arrays["train_acc"][:, sl] = np.asarray(out.train_acc)
+        for k in NORMS:
+            self.arrays[f"norm_{k}"][:, sl] = np.asarray(out.norms[k])
         self.arrays["diverged_step"][:] = np.asarray(diverged_step)
         self.arrays["tasks_done"] = np.asarray(task + 1, np.int64)
 
@@ -547,26 +670,5 @@ class Recorder:
             steps_per_task=self.config.steps_per_task,
             task_names=self.task_names,
             runs=self.runs,
+            norms={k: a[f"norm_{k}"].copy() for k in NORMS},
         )
-
-
-def seed_mesh(n_seeds: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A one-axis mesh named ``"seeds"`` over as many devices as evenly divide ``n_seeds``.
-
-    Every device gets the same number of seeds, so with 5 seeds on 4 devices the mesh has one device
-    (a warning says so); choose a seed count divisible by the device count to use them all.
-    """
-    devices = list(jax.devices() if devices is None else devices)
-    k = max(d for d in range(1, len(devices) + 1) if n_seeds % d == 0)
-    if k < len(devices):
-        warnings.warn(
-            f"{n_seeds} seeds shard evenly over {k} of {len(devices)} devices; "
-            f"use a multiple of {len(devices)} seeds to use them all",
-            stacklevel=2,
-        )
-    return Mesh(np.array(devices[:k]), ("seeds",))
-
-
-def seed_sharding(mesh: Mesh) -> NamedSharding:
-    """Shards the leading (seed) axis over the mesh's ``"seeds"`` axis."""
-    return NamedSharding(mesh, PartitionSpec("seeds"))

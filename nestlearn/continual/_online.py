@@ -2,8 +2,8 @@
 
 A one-hidden-layer ReLU network learns the slowly-changing regression stream by SGD, one example per
 step, with an optional plasticity strategy (continual backprop, shrink-and-perturb) acting after every
-step. One bin of steps runs under ``lax.scan`` in one compiled program, called once per bin; seeds are a
-``vmap`` axis. Nothing loops over steps in Python.
+step. One bin of steps runs on :class:`nestlearn.engine.Engine` (``lax.scan`` in one compiled program,
+called once per bin; seeds a ``vmap`` axis). Nothing loops over steps in Python.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from nestlearn._errors import ConfigError
 from nestlearn.continual._strategy import Batch, Context, Naive, Params, Strategy
+from nestlearn.engine import Engine, Progress, check_seeds, compile_once, run_keys
 from nestlearn.metrics._plasticity import dead_unit_fraction, weight_magnitude
 from nestlearn.nn._mlp import MLP
 from nestlearn.tasks._plasticity import RegressionState, SlowlyChangingRegression
@@ -39,6 +40,8 @@ class OnlineResult:
       weight_magnitude: ``[seed, bin]`` mean absolute parameter value at the end of the bin.
       bin_end: ``[bin]`` steps taken at the end of each bin.
       seeds: the seed of each row.
+      diverged_step: ``[seed]`` the first step whose error was not finite (``-1``: none); a diverged run is
+        frozen from there and its later bins are NaN.
     """
 
     error: np.ndarray
@@ -46,6 +49,7 @@ class OnlineResult:
     weight_magnitude: np.ndarray
     bin_end: np.ndarray
     seeds: tuple[int, ...]
+    diverged_step: np.ndarray | None = None
 
 
 class _Carry(flax.struct.PyTreeNode):
@@ -55,6 +59,7 @@ class _Carry(flax.struct.PyTreeNode):
     problem: RegressionState
     key: PRNGKeyArray
     step: Int[Array, ""]
+    diverged_step: Int[Array, ""]
 
 
 def run_online_regression(
@@ -66,6 +71,7 @@ def run_online_regression(
     steps: int = 10_000,
     seeds: Sequence[int] = (0,),
     bin: int = 1_000,
+    progress: bool | None = False,
 ) -> OnlineResult:
     """Trains a ``n_inputs -> hidden -> 1`` ReLU network online on ``problem``, one example per step.
 
@@ -91,6 +97,7 @@ def run_online_regression(
       steps: steps per seed, a multiple of ``bin``.
       seeds: one run per seed (its stream, target network and initialisation).
       bin: steps per bin (and per compiled call).
+      progress: report progress with an ETA after every bin (``None``: unless ``NESTLEARN_PROGRESS=0``).
 
     Returns:
       An :class:`OnlineResult`.
@@ -107,23 +114,25 @@ def run_online_regression(
     if steps % bin:
         raise ConfigError(f"steps ({steps}) must be a multiple of bin ({bin})")
     strategy = Naive() if strategy is None else strategy
-    seeds = tuple(int(s) for s in seeds)
+    seeds = tuple(check_seeds(seeds))
 
-    init, run = _programs(problem, hidden, float(lr), bin, jax.tree.structure(strategy))
-    keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(np.asarray(seeds, np.uint32)))
-    carry = init(keys, strategy)
+    init, engine = _programs(problem, hidden, float(lr), bin, jax.tree.structure(strategy))
+    carry = init(run_keys(seeds), strategy)
     n_bins = steps // bin
     measures = []
-    for _ in range(n_bins):  # one compiled bin per call; results stay on device until the end
-        carry, bin_measures = run(carry, strategy)
+    progress = Progress(n_bins, "online regression", enabled=progress)
+    for b in range(n_bins):  # one compiled bin per call
+        carry, bin_measures = engine.run(carry, strategy)
         measures.append(bin_measures)
-    error, dead, magnitude = (np.stack([np.asarray(m[i]) for m in measures], 1) for i in range(3))
+        progress.update(b + 1, error=float(np.nanmean(np.asarray(bin_measures["error"]))))
+    arrays = {k: np.stack([np.asarray(m[k]) for m in measures], 1) for k in measures[0]}
     return OnlineResult(
-        error=error,
-        dead_fraction=dead,
-        weight_magnitude=magnitude,
+        error=arrays["error"],
+        dead_fraction=arrays["dead_fraction"],
+        weight_magnitude=arrays["weight_magnitude"],
         bin_end=bin * np.arange(1, n_bins + 1, dtype=np.int64),
         seeds=seeds,
+        diverged_step=np.asarray(carry.diverged_step),
     )
 
 
@@ -166,6 +175,7 @@ def _programs(problem: SlowlyChangingRegression, hidden: int, lr: float, bin: in
             problem=problem.init(k_problem),
             key=jax.random.fold_in(k_run, 0),
             step=step,
+            diverged_step=jnp.full((), -1, jnp.int32),
         )
 
     def one_step(carry: _Carry, strategy: Strategy):
@@ -185,23 +195,18 @@ def _programs(problem: SlowlyChangingRegression, hidden: int, lr: float, bin: in
         updates, opt_state = optimizer.update(grads, carry.opt_state, carry.params)
         params = optax.apply_updates(carry.params, updates)
         sstate, params = strategy.after_step(sstate, params, grads, batch, ctx.replace(key=k_after))
-        new = _Carry(
-            params=params,
-            opt_state=opt_state,
-            strategy_state=sstate,
-            problem=problem_state,
-            key=carry.key,
-            step=carry.step + 1,
-        )
-        return new, (err, tuple(h[0] != 0 for h in hidden_acts))
+        new = carry.replace(params=params, opt_state=opt_state, strategy_state=sstate, problem=problem_state)
+        return new, {"loss": err, "active": tuple(h[0] != 0 for h in hidden_acts)}
 
-    def run_bin(carry: _Carry, strategy: Strategy):
-        carry, (errs, active) = jax.lax.scan(lambda c, _: one_step(c, strategy), carry, None, length=bin)
-        dead = dead_unit_fraction(tuple(a.astype(jnp.float32) for a in active))
-        return carry, (errs.mean(), dead, weight_magnitude(carry.params))
+    def per_bin(metrics):
+        dead = dead_unit_fraction(tuple(a.astype(jnp.float32) for a in metrics["active"]))
+        return {"error": metrics["loss"].mean(), "dead_fraction": dead}
 
-    # Initialisation runs once per run: compile it without LLVM's optimisations on CPU (as the engine does).
-    fast_compile = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    init = jax.jit(jax.vmap(init_one, in_axes=(0, None)), compiler_options=fast_compile)
-    run = jax.jit(jax.vmap(run_bin, in_axes=(0, None)), donate_argnums=0)
-    return init, run
+    def magnitude(carry: _Carry, strategy: Strategy):
+        return {"weight_magnitude": weight_magnitude(carry.params)}
+
+    # The engine runs a bin: the guarded step under lax.scan, seeds vmapped, the bin's measures reduced
+    # inside the program; the strategy (its hyperparameters) is shared by every seed.
+    engine = Engine(one_step, length=bin, in_axes=(None,), reduce=per_bin, evaluate=magnitude)
+    init = compile_once(init_one, in_axes=(0, None))
+    return init, engine

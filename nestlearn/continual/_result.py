@@ -15,16 +15,21 @@ class StreamResult:
       acc_matrix: ``R[s, i, j]``, accuracy on task ``j`` after training task ``i``, ``[S, T, T]``.
       acc_init: accuracy on each task before any training, ``b[s, j]``, ``[S, T]``.
       curve_steps: global training step of each evaluation point, ``[P]``; the first point is step 0
-        (before training), then every ``eval_every`` steps inside each task and once at each task's end.
+        (before training), then at the configured points inside each task and once at each task's end.
       curve_task: the task being trained at each point, ``[P]`` (``-1`` for the point before training).
       curve_acc: accuracy on every task at every point, ``[S, P, T]``.
       train_loss: mean training loss between consecutive evaluation points, ``[S, P]`` (NaN at point 0).
       train_acc: mean accuracy on the training batches over the same spans, each batch scored before
         the update it drives (online accuracy, the plasticity measure of online streams), ``[S, P]``.
-      diverged_step: first global step whose loss was NaN or inf, ``-1`` if the run stayed finite, ``[S]``.
+      diverged_step: first global step whose loss or update was NaN or inf (or whose loss passed the
+        blow-up threshold), ``-1`` if the run stayed healthy, ``[S]``. A diverged run's accuracies from
+        that step on are NaN: it has no score.
       steps_per_task: number of optimizer steps on each task.
       task_names: one name per task.
       runs: what distinguishes each row: its seed and, in a sweep, its hyperparameter values.
+      norms: telemetry, ``{"grad_norm" | "update_norm" | "param_norm": [S, P]}``: the mean global L2
+        norm of the gradients, updates and parameters over the steps of each span between evaluation
+        points (NaN at point 0), or ``None`` when not recorded.
     """
 
     acc_matrix: np.ndarray
@@ -38,6 +43,7 @@ class StreamResult:
     task_names: tuple[str, ...]
     runs: tuple[dict, ...] = ()
     train_acc: np.ndarray | None = None
+    norms: dict | None = None
 
     def __post_init__(self):
         if not self.runs:
@@ -66,6 +72,7 @@ class StreamResult:
             curve_acc=self.curve_acc[pick],
             train_loss=self.train_loss[pick],
             train_acc=None if self.train_acc is None else self.train_acc[pick],
+            norms=None if self.norms is None else {k: v[pick] for k, v in self.norms.items()},
             diverged_step=self.diverged_step[pick],
             runs=tuple(self.runs[i] for i in rows),
         )

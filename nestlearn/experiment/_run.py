@@ -18,12 +18,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from nestlearn import continual, nn, tasks
+from nestlearn import continual, engine, nn, tasks
 from nestlearn._errors import ConfigError
 from nestlearn.continual import Learner, Recorder, StreamResult, TrainConfig
+from nestlearn.continual._engine import task_progress
 from nestlearn.experiment import _rundir
 from nestlearn.experiment._config import ExperimentConfig, from_dict, to_dict, validate
 
@@ -75,7 +75,7 @@ def train_config(config: ExperimentConfig, stream: tasks.TaskStream) -> TrainCon
     return TrainConfig(
         steps_per_task=steps,
         batch_size=t.batch_size,
-        eval_every=max(1, steps // t.evals_per_task),
+        evals_per_task=t.evals_per_task,
         reset_optimizer=config.optim.reset_per_task,
     )
 
@@ -148,11 +148,13 @@ def run_experiment(
     force: bool = False,
     log: Callable[[str], None] | None = None,
     make_figures: bool = True,
+    progress: bool | None = None,
 ) -> RunOutput:
     """Runs every strategy of ``config`` for every seed and writes the run directory.
 
     Validates the config and loads the data before writing anything. With ``resume`` it continues from
-    the last checkpoint of ``out``.
+    the last checkpoint of ``out``. ``progress`` shows a progress line with an ETA after every chunk
+    (``None``: unless ``NESTLEARN_PROGRESS=0``); a line per finished task is logged either way.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     config = validate(config)
@@ -167,10 +169,9 @@ def run_experiment(
         )
     n_tasks = stream.n_tasks
     total_units = n_tasks * len(config.strategies)
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
     results: dict[str, StreamResult] = {}
-    with ocp.CheckpointManager((out / "checkpoints").absolute(), options=options) as manager:
-        latest = manager.latest_step() if resume else None
+    with engine.Checkpoints(out / "checkpoints", keep=2) as manager:
+        latest = manager.latest() if resume else None
         start = time.perf_counter()
         units_run = 0
         for si, name in enumerate(config.strategies):
@@ -181,9 +182,9 @@ def run_experiment(
                 continue
             learner = build_learner(config, stream, name)
             sweep = strategy_and_sweep(config, name)[1]
-            runs = continual.sweep_runs(seeds, sweep)
+            runs = engine.run_grid(seeds, sweep)
             hparams = {k: [r[k] for r in runs] for k in sweep}
-            mesh = continual.seed_mesh(len(runs)) if jax.device_count() > 1 else None
+            mesh = engine.run_mesh(len(runs)) if jax.device_count() > 1 else None
             recorder = Recorder(learner.config, stream, runs)
             first_task = 0
             if latest is not None and latest > si * n_tasks:
@@ -195,15 +196,13 @@ def run_experiment(
             else:
                 state = learner.init(stream, [r["seed"] for r in runs], mesh, hparams)
                 recorder.record_init(learner.evaluate(state, stream))
+            steps = learner.config.steps_per_task
+            bar = engine.Progress(n_tasks * steps, name, enabled=progress)
             for task in range(first_task, n_tasks):
-                state, task_out = learner.run_task(state, stream, task)
+                report = task_progress(bar, task, n_tasks, steps)
+                state, task_out = learner.run_task(state, stream, task, on_chunk=report)
                 recorder.record_task(task, task_out, state.diverged_step)
-                manager.save(
-                    si * n_tasks + task + 1,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardSave(state), record=ocp.args.StandardSave(recorder.arrays)
-                    ),
-                )
+                manager.save(si * n_tasks + task + 1, state, recorder.arrays)
                 units_run += 1
                 done = si * n_tasks + task + 1
                 elapsed = time.perf_counter() - start
@@ -238,18 +237,11 @@ def run_experiment(
 def _restore(manager, step, learner, stream, runs, hparams, mesh, recorder):
     abstract_state = learner.abstract_state(stream, [r["seed"] for r in runs], hparams)
     if mesh is not None:
-        sharding = continual.seed_sharding(mesh)
+        sharding = engine.run_sharding(mesh)
         abstract_state = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_state
         )
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), record=ocp.args.StandardRestore(recorder.arrays)
-        ),
-    )
-    record = {k: np.asarray(v) for k, v in restored["record"].items()}
-    return restored["state"], record
+    return manager.restore(step, abstract_state, recorder.arrays)
 
 
 def swept_key(result: StreamResult) -> str | None:

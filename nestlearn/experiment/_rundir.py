@@ -55,6 +55,7 @@ def save_result(path: Path, result: StreamResult) -> Path:
         "steps_per_task": np.asarray(result.steps_per_task),
         "task_names": np.asarray(result.task_names),
         "runs": np.asarray(json.dumps(list(result.runs))),
+        **{f"norm/{k}": v for k, v in (result.norms or {}).items()},
     }
     return atomic_write(path, lambda f: np.savez(f, **arrays), mode="wb")
 
@@ -74,6 +75,7 @@ def load_result(path: Path) -> StreamResult:
             steps_per_task=int(z["steps_per_task"]),
             task_names=tuple(str(n) for n in z["task_names"]),
             runs=tuple(json.loads(str(z["runs"]))) if "runs" in z.files else (),
+            norms={k.removeprefix("norm/"): z[k] for k in z.files if k.startswith("norm/")} or None,
         )
 
 

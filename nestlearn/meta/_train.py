@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
+from nestlearn.engine import Engine, Guard, norms
 from nestlearn.meta._base import MetaLearner, MetaParams
 from nestlearn.tasks._meta import TaskBatch
 
@@ -39,7 +40,8 @@ class MetaTrainer:
 
     Every iteration draws a batch of tasks with ``sample_tasks(fold_in(key, step))``, takes the
     learner's meta-gradient (tasks vmapped inside) and applies the outer optimizer; the iterations of a
-    chunk run under ``lax.scan`` inside one ``jit``. :meth:`run` and :meth:`run_seeds` compile once
+    chunk run on :class:`nestlearn.engine.Engine` (``lax.scan`` inside one ``jit``, the engine's
+    divergence policy: a non-finite post-adaptation loss or meta-gradient freezes the run). :meth:`run` and :meth:`run_seeds` compile once
     and are called again for every chunk (the state is donated: use the returned one). The learner is
     an argument of the compiled call, so its leaves (iMAML's ``lam``) are traced, not baked in.
 
@@ -67,6 +69,7 @@ class MetaTrainer:
         n_iters: int,
         *,
         compiler_options: dict | None = None,
+        guard: Guard | None = None,
     ) -> None:
         if not isinstance(learner, MetaLearner):
             raise TypeError(f"learner must be a MetaLearner, got {type(learner).__name__}")
@@ -76,9 +79,17 @@ class MetaTrainer:
         self.outer_opt = outer_opt
         self.sample_tasks = sample_tasks
         self.n_iters = n_iters
-        opts = dict(donate_argnums=1, compiler_options=compiler_options)
-        self._run = jax.jit(self.chunk, **opts)
-        self._run_seeds = jax.jit(jax.vmap(self.chunk, in_axes=(None, 0, 0)), **opts)
+        # The engine runs the iterations: a guarded step under lax.scan, jit with donation, and a vmapped
+        # program for a leading seed axis (the learner shared, one key per seed).
+        self.engine = Engine(
+            self.step,
+            length=n_iters,
+            in_axes=(None, 0),
+            guard=guard or Guard(loss="loss_post"),
+            compiler_options=compiler_options,
+        )
+        self._run = self.engine._single
+        self._run_seeds = self.engine._runs
 
     def init(self, meta_params: MetaParams) -> MetaTrainState:
         """The state before the first meta-iteration (vmap it over a leading seed axis for seeds).
@@ -94,39 +105,38 @@ class MetaTrainer:
             diverged_step=jnp.full((), -1, jnp.int32),
         )
 
+    def step(
+        self, s: MetaTrainState, learner: MetaLearner, key: PRNGKeyArray
+    ) -> tuple[MetaTrainState, dict[str, Array]]:
+        """One meta-iteration (pure; the engine guards it, counts it and records divergence).
+
+        Returns the new state and the iteration's metrics: ``loss_pre`` and ``loss_post`` (mean query
+        loss before and after adaptation), ``grad_norm``, ``update_norm`` and ``param_norm`` (global L2
+        norms of the meta-gradient, the outer update and the meta-parameters after the update).
+        """
+        tasks = self.sample_tasks(jax.random.fold_in(key, s.step))
+        grads, metrics = learner.meta_grad(s.meta_params, tasks)
+        updates, opt_state = self.outer_opt.update(grads, s.opt_state, s.meta_params)
+        meta_params = optax.apply_updates(s.meta_params, updates)
+        return s.replace(meta_params=meta_params, opt_state=opt_state), {
+            **metrics,
+            **norms(grads, updates, meta_params),
+        }
+
     def chunk(
         self, learner: MetaLearner, state: MetaTrainState, key: PRNGKeyArray
     ) -> tuple[MetaTrainState, dict[str, Array]]:
         """``n_iters`` meta-iterations from ``state`` (pure, unjitted; :meth:`run` compiles it).
 
         Returns:
-          The new state and per-iteration metrics, each of shape ``[n_iters]``: ``loss_pre`` and
-          ``loss_post`` (mean query loss before and after adaptation), ``grad_norm``, ``update_norm``
-          and ``param_norm`` (global L2 norms of the meta-gradient, the outer update and the
-          meta-parameters after the update).
+          The new state and per-iteration metrics of :meth:`step`, each of shape ``[n_iters]``; NaN from
+          the iteration on which the run diverged (its state then stays at its last finite values).
         """
-
-        def body(s: MetaTrainState, _):
-            tasks = self.sample_tasks(jax.random.fold_in(key, s.step))
-            grads, metrics = learner.meta_grad(s.meta_params, tasks)
-            updates, opt_state = self.outer_opt.update(grads, s.opt_state, s.meta_params)
-            meta_params = optax.apply_updates(s.meta_params, updates)
-            grad_norm = optax.tree.norm(grads)
-            finite = jnp.isfinite(metrics["loss_post"]) & jnp.isfinite(grad_norm)
-            diverged = jnp.where((s.diverged_step < 0) & ~finite, s.step, s.diverged_step)
-            metrics = dict(
-                metrics,
-                grad_norm=grad_norm,
-                update_norm=optax.tree.norm(updates),
-                param_norm=optax.tree.norm(meta_params),
-            )
-            return MetaTrainState(meta_params, opt_state, s.step + 1, diverged), metrics
-
-        return jax.lax.scan(body, state, length=self.n_iters)
+        return self.engine.chunk(state, learner, key)
 
     def run(self, state: MetaTrainState, key: PRNGKeyArray) -> tuple[MetaTrainState, dict[str, Array]]:
         """One compiled chunk of ``n_iters`` meta-iterations; ``state`` is donated."""
-        return self._run(self.learner, state, key)
+        return self.engine.run(state, self.learner, key, vmapped=False)
 
     def run_seeds(
         self, states: MetaTrainState, keys: PRNGKeyArray
@@ -135,7 +145,7 @@ class MetaTrainer:
 
         Metrics come back as ``[seeds, n_iters]``.
         """
-        return self._run_seeds(self.learner, states, keys)
+        return self.engine.run(states, self.learner, keys)
 
 
 def meta_train(

@@ -17,8 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from nestlearn.engine import (
+    Engine,
+    Progress,
+    check_seeds,
+    compile_once,
+    nan_unless,
+    norms,
+    run_keys,
+    shard_runs,
+)
 
 Sampler = Callable[[PRNGKeyArray], Any]
 
@@ -82,16 +93,16 @@ class SeqTrainer:
     program called ``steps / chunk`` times, with host control (logging) only between chunks.
 
     A run whose loss or update is not finite (or whose update norm overflows float32) records that step
-    in ``diverged_step`` and is frozen from then on: its parameters keep their last finite values and its
-    recorded losses are NaN. Results keep every seed's numbers with a ``diverged`` mask; :func:`finite_mean`
+    in ``diverged_step`` and is frozen from then on (the engine's policy, :class:`nestlearn.engine.Guard`):
+    its state keeps its last finite values and its recorded losses and evaluation are NaN. Results keep every seed's numbers with a ``diverged`` mask; :func:`finite_mean`
     averages the others and says how many it left out.
 
     Keys: seed ``i`` gives ``key = jax.random.key(i)``; the model is built from ``fold_in(key, 0)``,
     training batches from ``fold_in(key, 1)``, evaluation from ``fold_in(key, 2)`` and telemetry from
     ``fold_in(key, 3)``, so evaluation batches are never training batches (up to sampler collisions).
 
-    Built on ``lax.scan``, ``vmap`` and optax, in the shape of :class:`nestlearn.meta.MetaTrainer`
-    (chunks of steps in one ``jit``, the state donated between chunks, ``diverged_step`` recorded).
+    Built on :class:`nestlearn.engine.Engine` (chunks of steps under ``lax.scan`` in one ``jit``, runs
+    vmapped, the state donated between chunks, ``diverged_step`` recorded) and optax.
 
     Args:
       model_fn: ``model_fn(rngs) -> SequenceModel`` (anything with ``logits_at``; ``telemetry`` optional).
@@ -155,21 +166,28 @@ class SeqTrainer:
         self.chunk = chunk
         self.eval_batches = eval_batches
         self.record_telemetry = telemetry
-        self.n_traces = 0  # times the chunk was traced (a retrace means a recompilation)
         self._graphdef = nnx.split(abstract, nnx.Param, ...)[0]
-        # Initialisation and evaluation run once per run: on CPU, compile them without LLVM's
-        # optimisations (seconds saved in compilation, milliseconds lost in running).
-        fast_compile = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-        self._init = jax.jit(jax.vmap(self.init_one), compiler_options=fast_compile)
-        self._chunk = jax.jit(jax.vmap(self.chunk_one), donate_argnums=0, compiler_options=compiler_options)
-        self._evaluate = jax.jit(
-            jax.vmap(
-                lambda params, buffers, key: self.evaluate(
-                    params, self.eval_sample, key, self.eval_batches, buffers=buffers
-                )
-            ),
-            compiler_options=fast_compile,
+        # The engine runs the steps: a guarded step under lax.scan, vmapped over runs, jit with donation;
+        # the model's statistics on one batch are read after every chunk when telemetry is on.
+        self.engine = Engine(
+            self.step,
+            length=chunk,
+            in_axes=(0,),
+            evaluate=self._chunk_telemetry if telemetry else None,
+            compiler_options=compiler_options,
         )
+        self._chunk = self.engine._runs
+        self._init = compile_once(self.init_one)
+        self._evaluate = compile_once(
+            lambda params, buffers, key: self.evaluate(
+                params, self.eval_sample, key, self.eval_batches, buffers=buffers
+            )
+        )
+
+    @property
+    def n_traces(self) -> int:
+        """Times the chunk was traced (a retrace means a recompilation)."""
+        return self.engine.n_traces
 
     # -- the pure, per-run pieces ----------------------------------------------------------------
 
@@ -202,39 +220,35 @@ class SeqTrainer:
             diverged_step=jnp.full((), -1, jnp.int32),
         )
 
+    def step(self, s: SeqTrainState, key: PRNGKeyArray) -> tuple[SeqTrainState, dict[str, Array]]:
+        """One training step of one run (pure; the engine guards it and counts it).
+
+        Returns the new state and the step's ``loss`` and ``acc`` (measured before its update) with the
+        global norms ``grad_norm``, ``update_norm`` and ``param_norm``.
+        """
+        batch = self.sample(jax.random.fold_in(jax.random.fold_in(key, _DATA), s.step))
+        (loss, acc), grads = jax.value_and_grad(self.loss, has_aux=True)(s.params, s.buffers, batch)
+        updates, opt_state = self.optimizer.update(grads, s.opt_state, s.params)
+        params = optax.apply_updates(s.params, updates)
+        return s.replace(params=params, opt_state=opt_state), {
+            "loss": loss,
+            "acc": acc,
+            **norms(grads, updates, params),
+        }
+
+    def _chunk_telemetry(self, state: SeqTrainState, key: PRNGKeyArray) -> dict[str, Any]:
+        batch = self.sample(jax.random.fold_in(jax.random.fold_in(key, _TELEMETRY), state.step))
+        return {"telemetry": self.apply(state.params, state.buffers).telemetry(batch.tokens)}
+
     def chunk_one(self, state: SeqTrainState, key: PRNGKeyArray) -> tuple[SeqTrainState, dict[str, Any]]:
         """``chunk`` training steps of one run (pure, unjitted; :meth:`run_seeds` compiles it vmapped).
 
         Returns:
-          The new state and ``{"loss": [chunk], "acc": [chunk]}`` (training loss and accuracy of every
-          step, measured before its update; NaN once the run has diverged), plus ``"telemetry"``
-          (the model's statistics on one batch after the chunk) when the trainer records telemetry.
+          The new state and the per-step metrics of :meth:`step`, each ``[chunk]`` (NaN once the run has
+          diverged), plus ``"telemetry"`` (the model's statistics on one batch after the chunk) when the
+          trainer records telemetry.
         """
-        self.n_traces += 1
-        data_key = jax.random.fold_in(key, _DATA)
-
-        def step(s: SeqTrainState, _):
-            batch = self.sample(jax.random.fold_in(data_key, s.step))
-            (loss, acc), grads = jax.value_and_grad(self.loss, has_aux=True)(s.params, s.buffers, batch)
-            updates, opt_state = self.optimizer.update(grads, s.opt_state, s.params)
-            healthy = s.diverged_step < 0
-            # One global check instead of one per leaf (compiles much faster): a non-finite loss or
-            # update, or an update whose norm overflows float32, is divergence. The step is applied only
-            # if the run is healthy and stays finite; a diverged run keeps its parameters from then on.
-            finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(updates))
-            take = healthy & finite
-            updates = jax.tree.map(lambda u: jnp.where(take, u, jnp.zeros_like(u)), updates)
-            params = optax.apply_updates(s.params, updates)
-            diverged = jnp.where(healthy & ~finite, s.step, s.diverged_step)
-            nan = jnp.full((), jnp.nan, jnp.float32)
-            metrics = {"loss": jnp.where(healthy, loss, nan), "acc": jnp.where(healthy, acc, nan)}
-            return SeqTrainState(params, opt_state, s.buffers, s.step + 1, diverged), metrics
-
-        state, metrics = jax.lax.scan(step, state, length=self.chunk)
-        if self.record_telemetry:
-            batch = self.sample(jax.random.fold_in(jax.random.fold_in(key, _TELEMETRY), state.step))
-            metrics["telemetry"] = self.apply(state.params, state.buffers).telemetry(batch.tokens)
-        return state, metrics
+        return self.engine.chunk(state, key)
 
     def evaluate(
         self,
@@ -271,10 +285,7 @@ class SeqTrainer:
     ) -> SeqTrainState:
         """The state of every run (leading seed axis), sharded over ``mesh``'s ``"seeds"`` axis if given."""
         keys = self._keys(seeds)
-        state = self._init(keys, self._hparams(hparams, len(seeds)))
-        if mesh is not None:
-            state = jax.device_put(state, NamedSharding(mesh, PartitionSpec("seeds")))
-        return state
+        return shard_runs(self._init(keys, self._hparams(hparams, len(seeds))), mesh)
 
     def run_chunk(self, state: SeqTrainState, seeds: Sequence[int]) -> tuple[SeqTrainState, dict[str, Any]]:
         """One compiled chunk for every run; ``state`` is donated (use the returned one)."""
@@ -287,6 +298,7 @@ class SeqTrainer:
         hparams: Mapping[str, Sequence[float]] | None = None,
         mesh: Mesh | None = None,
         log: Callable[[dict[str, Any]], None] | None = None,
+        progress: bool | None = None,
     ) -> dict[str, Any]:
         """Trains one run per seed, all in one program, and evaluates them.
 
@@ -297,6 +309,8 @@ class SeqTrainer:
           mesh: keyword-only; a mesh with a ``"seeds"`` axis to shard the runs over.
           log: keyword-only; called after every chunk with ``{"chunk", "step", "loss", "acc",
             "diverged"}`` (per-run chunk means of the training loss and accuracy, and the diverged mask).
+          progress: keyword-only; a progress line (a bar in Jupyter) with an ETA after every chunk;
+            ``None`` follows ``NESTLEARN_PROGRESS``.
 
         Returns:
           A dict of numpy arrays, one row per run: ``seeds [S]``; ``loss`` and ``acc`` ``[S, steps]``
@@ -306,17 +320,19 @@ class SeqTrainer:
           ``telemetry`` (``{name: [S, C, ...]}``, empty unless recorded); and ``state``, the final
           :class:`SeqTrainState` (device arrays, to continue or evaluate elsewhere).
         """
-        seeds = [int(s) for s in seeds]
-        if not seeds:
-            raise ValueError("seeds must name at least one run, got an empty sequence")
+        seeds = check_seeds(seeds)
         keys = self._keys(seeds)
         state = self.init(seeds, hparams=hparams, mesh=mesh)
         losses, accs, telemetry = [], [], []
+        bar = Progress(self.steps, type(self).__name__, enabled=progress)
         for c in range(self.steps // self.chunk):
             state, metrics = self._chunk(state, keys)
             loss, acc = np.asarray(metrics["loss"]), np.asarray(metrics["acc"])
             losses.append(loss)
             accs.append(acc)
+            bar.update(
+                (c + 1) * self.chunk, loss=float(np.nanmean(loss)) if np.isfinite(loss).any() else np.nan
+            )
             if "telemetry" in metrics:
                 telemetry.append(jax.tree.map(np.asarray, metrics["telemetry"]))
             if log is not None:
@@ -334,6 +350,7 @@ class SeqTrainer:
             state.params, state.buffers, jax.vmap(lambda k: jax.random.fold_in(k, _EVAL))(keys)
         )
         diverged_step = np.asarray(state.diverged_step)
+        ev = nan_unless(diverged_step < 0, jax.tree.map(np.asarray, ev))  # a diverged run has no score
         n_chunks = len(losses)
         return {
             "seeds": np.asarray(seeds),
@@ -354,7 +371,7 @@ class SeqTrainer:
 
     @staticmethod
     def _keys(seeds: Sequence[int]) -> PRNGKeyArray:
-        return jnp.stack([jax.random.key(int(s)) for s in seeds])
+        return run_keys(seeds)
 
     def _hparams(self, hparams: Mapping[str, Sequence[float]] | None, n: int) -> dict[str, Array]:
         out = {}
