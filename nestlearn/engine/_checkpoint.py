@@ -80,8 +80,12 @@ class Checkpoints:
         state = _from_storable(restored["state"], abstract_state)
         return state, {k: np.asarray(v) for k, v in restored["record"].items()}
 
-    def close(self) -> None:
+    def wait(self) -> None:
+        """Blocks until every save has reached the disk."""
         self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.wait()
         self.manager.close()
 
     def __enter__(self) -> Checkpoints:

@@ -216,7 +216,7 @@ def run_experiment(
                 )
             results[name] = recorder.result()
             _rundir.save_result(result_file, results[name])
-        manager.wait_until_finished()
+        manager.wait()
     tables = _rundir.tidy_tables(results)
     table_paths = dict(zip(tables, _rundir.write_tables(out / "results", tables)))
     figures = write_figures(out / "figures", results) if make_figures else []
