@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -36,6 +37,10 @@ def _abstract_storable(tree: Any) -> Any:
 
 def _from_storable(restored: Any, like: Any) -> Any:
     def one(r, x):
+        if getattr(x, "sharding", None) is None:
+            # Orbax returns arrays committed to one device, while a fresh run's are uncommitted: jit
+            # would compile every program again for them. Without a sharding to keep, upload afresh.
+            r = jnp.asarray(np.asarray(jax.random.key_data(r) if _is_key(r) else r))
         if _is_key(x):
             return jax.random.wrap_key_data(r)  # the default implementation, the one that made the key
         return r
