@@ -34,6 +34,8 @@ from nestlearn.engine import (
     compile_once,
     nan_unless,
     norms,
+    optimizer_values,
+    per_run_values,
     run_grid,
     run_keys,
     shard_runs,
@@ -390,22 +392,9 @@ class Learner:
         leaves = {k for k, f in fields.items() if f.metadata.get("pytree_node", True)}
         strategy_values, opt_values = {}, {}
         for name, values in hparams.items():
-            try:
-                values = np.asarray(values, np.float32)
-            except (TypeError, ValueError):
-                raise ConfigError(
-                    f"hyperparameter {name!r}: values must be numbers, got {values!r}"
-                ) from None
-            if values.shape[:1] != (n,):
-                raise ConfigError(
-                    f"hyperparameter {name!r} needs one value per run ({n}), got shape {values.shape}"
-                )
-            if not np.isfinite(values).all():
-                raise ConfigError(
-                    f"hyperparameter {name!r} has a value that is not finite: {values.tolist()}"
-                )
+            values = per_run_values(name, values, n)
             if name.startswith("optimizer."):
-                opt_values[name.removeprefix("optimizer.")] = jnp.asarray(values)
+                opt_values[name.removeprefix("optimizer.")] = values
             elif name in leaves:
                 strategy_values[name] = values
             elif name in fields:
@@ -420,20 +409,7 @@ class Learner:
                     "optimizer hyperparameters are named 'optimizer.<name>')"
                 )
         self._check_strength(strategy_values)
-        if opt_values:
-            probe = jax.eval_shape(self.optimizer.init, self.abstract_params())
-            missing = object()
-            for name, values in opt_values.items():
-                held = optax.tree_utils.tree_get(probe, name, default=missing)
-                if held is missing:
-                    raise ConfigError(
-                        f"optimizer has no hyperparameter {name!r}; wrap it in optax.inject_hyperparams to sweep it"
-                    )
-                if tuple(values.shape[1:]) != tuple(np.shape(held)):
-                    raise ConfigError(
-                        f"optimizer hyperparameter {name!r} has shape {tuple(np.shape(held))}; each swept "
-                        f"value has shape {tuple(values.shape[1:])}"
-                    )
+        opt_values = optimizer_values(self.optimizer, self.abstract_params(), opt_values, n)
         strategies = [
             dataclasses.replace(self.strategy, **{k: v[r] for k, v in strategy_values.items()})
             if strategy_values

@@ -15,6 +15,8 @@ from nestlearn.engine._progress import Progress, progress_enabled
 from nestlearn.engine._runs import (
     AXIS,
     check_seeds,
+    optimizer_values,
+    per_run_values,
     run_grid,
     run_keys,
     run_mesh,
@@ -36,6 +38,8 @@ __all__ = [
     "enable_compilation_cache",
     "nan_unless",
     "norms",
+    "optimizer_values",
+    "per_run_values",
     "progress_enabled",
     "run_grid",
     "run_keys",

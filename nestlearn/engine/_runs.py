@@ -139,3 +139,48 @@ def shard_runs(tree: Any, mesh: Mesh | None) -> Any:
             "(or nestlearn.engine.run_mesh(n_runs) for a mesh that fits)"
         )
     return jax.device_put(tree, run_sharding(mesh))
+
+
+def per_run_values(name: str, values: Any, n: int) -> np.ndarray:
+    """One finite float32 value (or list of values) per run, checked: ``[n]`` or ``[n, k]``."""
+    try:
+        values = np.asarray(values, np.float32)
+    except (TypeError, ValueError):
+        raise ConfigError(f"hyperparameter {name!r}: values must be numbers, got {values!r}") from None
+    if values.shape[:1] != (n,):
+        raise ConfigError(f"hyperparameter {name!r} needs one value per run ({n}), got shape {values.shape}")
+    if not np.isfinite(values).all():
+        raise ConfigError(f"hyperparameter {name!r} has a value that is not finite: {values.tolist()}")
+    return values
+
+
+def optimizer_values(
+    optimizer: Any, abstract_params: Any, values: Mapping[str, Any], n: int
+) -> dict[str, Array]:
+    """Per-run values of ``optax.inject_hyperparams`` hyperparameters, checked against the optimizer.
+
+    Every name must be a hyperparameter the optimizer's state holds (by ``optax.tree_utils.tree_get``),
+    and every value must have its shape; the result is ``{name: [n, ...] float32}``, to set in each run's
+    state with ``optax.tree_utils.tree_set``.
+    """
+    if not values:
+        return {}
+    import optax
+
+    probe = jax.eval_shape(optimizer.init, abstract_params)
+    missing = object()
+    out = {}
+    for name, vals in values.items():
+        vals = per_run_values(name, vals, n)
+        held = optax.tree_utils.tree_get(probe, name, default=missing)
+        if held is missing:
+            raise ConfigError(
+                f"optimizer has no hyperparameter {name!r}; wrap it in optax.inject_hyperparams to sweep it"
+            )
+        if tuple(vals.shape[1:]) != tuple(np.shape(held)):
+            raise ConfigError(
+                f"optimizer hyperparameter {name!r} has shape {tuple(np.shape(held))}; each swept value has "
+                f"shape {tuple(vals.shape[1:])}"
+            )
+        out[name] = jnp.asarray(vals)
+    return out

@@ -27,6 +27,7 @@ from nestlearn.engine import (
     compile_once,
     nan_unless,
     norms,
+    optimizer_values,
     run_keys,
     shard_runs,
 )
@@ -374,21 +375,8 @@ class SeqTrainer:
         return run_keys(seeds)
 
     def _hparams(self, hparams: Mapping[str, Sequence[float]] | None, n: int) -> dict[str, Array]:
-        out = {}
-        if hparams:
-            abstract_params = nnx.split(jax.eval_shape(lambda: self.model_fn(nnx.Rngs(0))), nnx.Param, ...)[1]
-            abstract_state = jax.eval_shape(self.optimizer.init, abstract_params)
-        for name, values in (hparams or {}).items():
-            values = np.asarray(values, np.float32)
-            if values.shape != (n,):
-                raise ValueError(f"hparams[{name!r}] needs one value per run ({n}), got shape {values.shape}")
-            if not optax.tree_utils.tree_get_all_with_path(abstract_state, name):
-                raise ValueError(
-                    f"hparams names {name!r}, which the optimizer's state does not hold "
-                    "(build the optimizer with optax.inject_hyperparams)"
-                )
-            out[name] = jnp.asarray(values)
-        return out
+        abstract_params = nnx.split(jax.eval_shape(lambda: self.model_fn(nnx.Rngs(0))), nnx.Param, ...)[1]
+        return optimizer_values(self.optimizer, abstract_params, hparams or {}, n)
 
 
 def finite_mean(values: np.ndarray, diverged: np.ndarray) -> tuple[np.ndarray, int]:
