@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -47,7 +47,7 @@ import optax
 import pandas as pd
 from flax import nnx
 
-from nestlearn import continual, meta, metrics, nn, plot, tasks
+from nestlearn import continual, engine, meta, metrics, nn, plot, tasks
 
 SMALL = os.environ.get("NESTLEARN_SMALL") == "1"
 
@@ -106,7 +106,8 @@ with plot.style():
 # (sample a meta-batch of 25 tasks, meta-gradient, outer Adam step at 1e-3) as **one compiled call**,
 # and `run_seeds` runs every seed at once under `vmap`; calling it again continues from the returned
 # state with the same compiled program. The function `meta_train` below is exactly these steps, plus a
-# timer and the loss curves kept for plotting; MAML is its first use.
+# progress bar with an ETA between chunks (`engine.Progress`, the one every nestlearn run reports
+# through), a timer and the loss curves kept for plotting; MAML is its first use.
 #
 # The network is the paper's, 1-40-40-1 with ReLU. Each seed starts from its own random initialisation:
 # building the model under `jax.vmap` over seed keys gives the parameters stacked along a seed axis.
@@ -131,9 +132,11 @@ def meta_train(learner, outer_opt, sample_tasks, params, n_iters, chunk, name):
     trainer = meta.MetaTrainer(learner, outer_opt, sample_tasks, n_iters=chunk)
     state = jax.vmap(trainer.init)(jax.vmap(learner.init)(params))
     curves, start = [], time.perf_counter()
-    for _ in range(n_iters // chunk):  # the same compiled program for every chunk
+    bar = engine.Progress(n_iters, name)
+    for c in range(n_iters // chunk):  # the same compiled program for every chunk
         state, m = trainer.run_seeds(state, seed_keys)  # m[...]: [seeds, chunk]
         curves.append({k: np.asarray(m[k]) for k in ("loss_pre", "loss_post")})
+        bar.update((c + 1) * chunk, query_loss=float(np.nanmean(curves[-1]["loss_post"])))
     diverged = int((np.asarray(state.diverged_step) >= 0).sum())
     print(
         f"{name}: {n_iters:,} meta-iterations x {len(SEEDS)} seeds in {time.perf_counter() - start:.1f} s"

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -247,6 +247,11 @@ print(f"max |one call - second piece from a reset|:        "
 # d_model per layer). Each model is a 2-layer `SequenceModel` trained by `nn.SeqTrainer`: AdamW at
 # 3e-3, batch 32, the cross-entropy at the query positions only, seeds vmapped in one compiled program,
 # evaluation on fresh batches.
+#
+# **Cost.** At full size this cell trains every model at every width for all seeds and takes about ten
+# minutes on two CPU cores, most of it the memories' compilation and the Transformer's steps; each
+# trainer shows a progress bar with an ETA while it runs (`NESTLEARN_PROGRESS=0` hides them), and a line
+# per model when it is done.
 
 
 # %%

@@ -20,6 +20,8 @@ from nbclient import NotebookClient
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 SCRIPTS = sorted(NOTEBOOKS.glob("*.py"))
 CELL_TIMEOUT_S = 600
+# Notebooks whose training runs through nestlearn's host loops (Learner.run, SeqTrainer, engine.Progress).
+PROGRESS_BARS = {"01_forgetting_curves", "04_maml_initialisations", "06_memory_models"}
 
 # Appended to the executed copy: proves the kernel runs the test's interpreter and environment.
 _PROBE = "import os, sys\nprint(sys.prefix)\nprint(os.environ.get('NESTLEARN_SMALL'))"
@@ -73,6 +75,7 @@ def kernel_env(tmp_path, monkeypatch):
     monkeypatch.setenv("NESTLEARN_SMALL", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")  # the notebooks ask for the inline backend themselves
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("NESTLEARN_PROGRESS", "1")  # notebooks show their progress bars, as for a user
     monkeypatch.setenv(
         "XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
     )
@@ -96,6 +99,10 @@ def test_notebook_executes(script, kernel_env, tmp_path):
     assert not errors, f"{script.name}: {errors[0].ename}: {errors[0].evalue}"
     images = [out for out in outputs if "image/png" in out.get("data", {})]
     assert images, f"{script.name} showed no figure"
+    if script.stem in PROGRESS_BARS:  # training cells report progress as a bar that renders in Jupyter
+        bars = [out for out in outputs if "<progress" in out.get("data", {}).get("text/html", "")]
+        assert bars, f"{script.name} showed no progress bar"
+        assert all('max="' in b["data"]["text/html"] and "ETA" in b["data"]["text/html"] for b in bars)
 
     probe = "".join(out.text for out in notebook.cells[-1].outputs if out.output_type == "stream")
     assert probe.split("\n")[:2] == [sys.prefix, "1"], (
