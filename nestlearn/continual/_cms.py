@@ -2,11 +2,11 @@
 
 The engine's optimizer sees one copy of the parameters; this strategy keeps the slow copy in its own
 state and, from ``after_step``, moves it toward the fast weights every ``P`` steps (and restarts the
-fast weights from it), so any optax optimizer, model and stream runs with consolidation unchanged.
-``nestlearn.optim.consolidation_in_state`` is the same rule as an optimizer whose slow levels live in its
-state (tested equal to this strategy in the engine); the strategy form composes with any optimizer and
-exposes period and rate as strategy fields to sweep. ``nestlearn.optim.consolidation`` works on
-``LevelParams`` (all levels as parameters) and does not fit the engine's single parameter pytree.
+fast weights from it), so any optax optimizer, model and stream runs with consolidation unchanged. The
+arithmetic is ``nestlearn.optim.consolidate``, the one consolidation rule, which
+``optim.consolidation_in_state`` (the same rule as an optimizer, tested equal to this strategy in the
+engine), ``optim.consolidation`` and the ``"consolidate"`` levels of ``nestlearn.levels`` also run;
+the strategy form composes with any optimizer and exposes period and rate as strategy fields to sweep.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from typing import final
 import flax.struct
 import jax
 import jax.numpy as jnp
+import optax
 from jaxtyping import PyTree
 
 from nestlearn.continual._strategy import Batch, Context, Params, Strategy
+from nestlearn.optim import consolidate
 from nestlearn.tasks._stream import TaskStream
 
 
@@ -46,7 +48,7 @@ class FastSlow(Strategy):
 
     .. math::
       \phi \leftarrow \phi + s_t\,\alpha\,(\theta - \phi), \qquad
-      \theta \leftarrow (1 - s_t)\,\theta + s_t\,\phi \quad (\text{with } \texttt{reset}),
+      \theta \leftarrow \theta - s_t\,(1 - \alpha)\,(\theta - \phi) \quad (\text{with } \texttt{reset}),
 
     written as masks (no Python branch), so ``period`` and ``rate`` may be swept (they are the
     strategy's pytree leaves). The step counter is global: consolidation runs across task boundaries
@@ -56,8 +58,9 @@ class FastSlow(Strategy):
 
     With ``labels`` (e.g. ``nn.cms_labels``), each parameter group consolidates at its own period
     ``group_periods[label]`` (0, or a label not listed: never) and ``period`` is unused; this is how
-    :func:`nested_cms` expresses the nested CMS. Built on the arithmetic of ``optax.lookahead``
-    (fast/slow with reset), which the tests reproduce step for step.
+    :func:`nested_cms` expresses the nested CMS. The arithmetic is :func:`nestlearn.optim.consolidate`
+    with two levels (``optax.lookahead``'s merged update: after a sync the fast weights land on the
+    slow ones), which the tests reproduce step for step.
 
     Attributes:
       period: :math:`P`, steps between syncs (a pytree leaf; rounded to an int >= 1 when used).
@@ -111,16 +114,14 @@ class FastSlow(Strategy):
         self, state: FastSlowState, params: Params, grads: Params, batch: Batch, ctx: Context
     ) -> tuple[FastSlowState, Params]:
         del grads, batch
+        # The optimizer has moved the fast weights already (level 0's update is zero here).
         sync = self._sync_masks(params, ctx.step)
-
-        def slow_of(phi, theta, s):
-            a = jnp.asarray(self.rate).astype(phi.dtype) * s.astype(phi.dtype)
-            return phi + a * (theta - phi)
-
-        slow = jax.tree.map(slow_of, state.slow, params, sync)
-        if self.reset:
-            params = jax.tree.map(lambda theta, phi, s: jnp.where(s, phi, theta), params, slow, sync)
-        return FastSlowState(slow=slow), params
+        fast_up, slow_up = consolidate(
+            (params, state.slow), None, (sync,), (self.rate,), reset_faster=self.reset
+        )
+        return FastSlowState(slow=optax.apply_updates(state.slow, slow_up)), optax.apply_updates(
+            params, fast_up
+        )
 
 
 def nested_cms(periods: Sequence[int], meta_rate: float = 1.0) -> FastSlow:

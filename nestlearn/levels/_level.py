@@ -49,7 +49,8 @@ class Level:
     - ``"consolidate"``: interpolation toward the faster level, through the pseudo-gradient
       :math:`d = \theta_\ell - \varphi`: with a ``rate`` :math:`\alpha`,
       :math:`\theta_\ell \leftarrow \theta_\ell - \alpha d = \theta_\ell + \alpha(\varphi - \theta_\ell)`
-      (Lookahead's slow weights; Reptile with outer SGD); with an ``optimizer`` instead,
+      (Lookahead's slow weights; Reptile with outer SGD; the arithmetic of
+      :func:`nestlearn.optim.consolidate`, the one consolidation rule); with an ``optimizer`` instead,
       :math:`u = \mathrm{opt}(d)` (Reptile with, e.g., an Adam outer loop). Every owned parameter must
       be owned by a faster level.
 

@@ -14,7 +14,7 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from nestlearn.levels._level import Level, Stream, Tasks
 from nestlearn.meta import plain_path
-from nestlearn.optim import level_clock
+from nestlearn.optim import consolidate, level_clock
 from nestlearn.tasks import TaskBatch
 
 LossFn = Callable[[PyTree, Array, Array], Float[Array, ""]]
@@ -174,7 +174,8 @@ class Nested:
       ``schedule=Tasks()``; ``learns_by="first_order"`` is FOMAML; ``owns=head`` on level 0 is ANIL.
     - Reptile: the same with ``Level("init", period=k, learns_by="consolidate", rate=ε)``.
     - Lookahead: ``Level("fast", g)``, ``Level("slow", period=k, learns_by="consolidate", rate=α)``,
-      ``schedule=Stream()``; more consolidating levels give :func:`nestlearn.optim.consolidation`.
+      ``schedule=Stream()``; more consolidating levels give :func:`nestlearn.optim.consolidation`. A
+      consolidating level at a rate moves by :func:`nestlearn.optim.consolidate`, the one rule.
     - CMS rule: ``"gradient"`` levels over disjoint parameter groups with periods :math:`P_\ell`, each
       applying the sum of its period's gradients (:func:`nestlearn.optim.period_schedule`).
 
@@ -423,14 +424,14 @@ class Nested:
         if lv.learns_by == "first_order":
             loss, g = jax.value_and_grad(self.loss_fn)(plan.effective(end), *outer)
             signal = plan.mask(jax.tree.leaves(g), lvl)
-        else:  # consolidate: the pseudo-gradient d = θ - φ, φ the next faster owner's copy
+        else:  # consolidate: toward φ, the next faster owner's copy
             th = _leaves(theta)
             per_level = [_leaves(s.params) for s in end]
-            d = [
-                th[i] - per_level[plan.below[lvl][i]][i] if i in plan.below[lvl] else x
-                for i, x in enumerate(th)
-            ]
-            signal = plan.mask(d, lvl)
+            phi = [per_level[plan.below[lvl][i]][i] if i in plan.below[lvl] else x for i, x in enumerate(th)]
+            if lv.optimizer is None:  # at a rate: the signal is φ itself (optim.consolidate moves θ to it)
+                signal = plan.mask(phi, lvl)
+            else:  # through an optimizer: the pseudo-gradient d = θ - φ
+                signal = plan.mask([t - p for t, p in zip(th, phi)], lvl)
             if outer is not None:
                 loss = self.loss_fn(plan.effective(end), *outer)
         return signal, end, total, None if loss is None else jnp.asarray(loss, jnp.float32)
@@ -439,8 +440,9 @@ class Nested:
         """Level ``lvl``'s update from its signal, then the restart of the faster levels it resets."""
         lv = self.levels[lvl]
         st = states[lvl]
-        if lv.optimizer is None:  # consolidate at a rate: θ - α d = θ + α (φ - θ)
-            updates = jax.tree.map(lambda d: -jnp.asarray(lv.rate, d.dtype) * d, signal)
+        if lv.optimizer is None:  # consolidate at a rate: θ + α (φ - θ), the one rule (signal = φ)
+            # The restart of the faster levels is below (a copy, for every way of learning from below).
+            updates = consolidate((signal, st.params), None, (True,), (lv.rate,), reset_faster=False)[1]
             opt_state = st.opt_state
         else:
             updates, opt_state = lv.optimizer.update(signal, st.opt_state, st.params)

@@ -1,9 +1,15 @@
-"""N-level fast/slow consolidation: each slower copy of the parameters moves toward the next faster one."""
+"""N-level fast/slow consolidation: each slower copy of the parameters moves toward the next faster one.
+
+One rule, :func:`consolidate`, in lookahead's merged-update form; :func:`consolidation` (levels as
+params), :func:`consolidation_in_state` (slow levels in the optimizer state),
+``nestlearn.continual.FastSlow`` (a strategy) and the ``"consolidate"`` levels of ``nestlearn.levels``
+are its configurations.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,12 +83,11 @@ def consolidation(
     :math:`s_k` (lookahead's "fast weights restart from the slow ones"). Written as masks
     (``u - s (1-α) d``), never a Python branch, so periods and rates may be traced arrays.
 
-    Two levels with ``reset_faster=True`` is ``optax.lookahead(inner, P_0, α_0, reset_state=...)``; the
-    level-0 and level-1 arithmetic is lookahead's, so the trajectories agree bit for bit. Built on the
-    same merged-update derivation as ``optax/_src/lookahead.py``; N levels and the no-reset variant are
-    written here because lookahead stops at two. For training loops that own one copy of the parameters
-    (the continual engine), and for speed, :func:`consolidation_in_state` runs the same rule with the slow
-    levels in the optimizer state.
+    The arithmetic is :func:`consolidate`, the one rule every fast/slow learner of nestlearn calls; two
+    levels with ``reset_faster=True`` are ``optax.lookahead(inner, P_0, α_0, reset_state=...)`` bit for
+    bit. This form carries all N levels as params, so the consolidation is differentiable in reverse
+    mode (a meta-gradient over rates); :func:`consolidation_in_state` runs the same rule with the slow
+    levels in the optimizer state, for training loops that own one copy of the parameters, and faster.
 
     Args:
       inner: optimizer of level 0.
@@ -127,10 +132,7 @@ def consolidation(
         sync = level_clock(periods, state.count).active
 
         def synced(u0):
-            ups = [u0] + [None] * num_syncs
-            for k in range(num_syncs):
-                ups = _sync(ups, theta, k, sync[k], rates[k], reset_faster)
-            return tuple(ups)
+            return consolidate(theta, u0, sync, rates, reset_faster=reset_faster)
 
         def unsynced(u0):
             return (u0,) + tuple(optax.tree.zeros_like(u0) for _ in range(num_syncs))
@@ -154,25 +156,89 @@ def consolidation(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _sync(ups, theta, k, s, alpha, reset_faster):
-    """Level k+1's sync toward level k (masked by ``s``), and the reset of levels 0..k when it syncs."""
-    ups = list(ups)
-    # d = (θ_k + U_k) - θ_{k+1}: the faster level's new value minus the slower level's old one.
-    d = jax.tree.map(lambda t, u, ts: t + u - ts, theta[k], ups[k], theta[k + 1])
-    ups[k + 1] = jax.tree.map(lambda x: alpha.astype(x.dtype) * s.astype(x.dtype) * x, d)
-    if reset_faster:
-        # Level k lands on θ_{k+1} + α d: U_k - s (1 - α) d (lookahead's fast update, bit for bit).
-        ups[k] = jax.tree.map(lambda u, x: u - s.astype(x.dtype) * (1 - alpha.astype(x.dtype)) * x, ups[k], d)
-        # Faster levels j < k land on the same value: U_j - s (θ_j + U_j - θ_{k+1} - α d).
-        for j in range(k):
-            ups[j] = jax.tree.map(
-                lambda u, t, ts, x: u - s.astype(x.dtype) * (t + u - ts - alpha.astype(x.dtype) * x),
-                ups[j],
-                theta[j],
-                theta[k + 1],
-                d,
+def consolidate(
+    levels: Sequence[Any],
+    updates: Any,
+    sync: Sequence[Any],
+    rates: Sequence[Any] | jax.typing.ArrayLike,
+    *,
+    reset_faster: bool = True,
+) -> tuple:
+    r"""The consolidation rule, once: the updates that move each slower level toward the next faster one.
+
+    Every fast/slow learner in nestlearn is this rule: :func:`consolidation` (the levels as
+    :class:`LevelParams`), :func:`consolidation_in_state` (the slow levels in the optimizer state),
+    :class:`nestlearn.continual.FastSlow` (the slow copy in a strategy's state) and the
+    ``"consolidate"`` levels of :class:`nestlearn.levels.Nested`.
+
+    With levels :math:`\theta_0, \dots, \theta_{N-1}` (fastest first), level 0's update :math:`u`
+    and sync masks :math:`s_k`, for :math:`k = 0, \dots, N-2` in order (so a slower level sees the
+    already-consolidated faster one, as nested lookahead loops do), with :math:`U_k` level k's update so
+    far (:math:`U_0 = u`) and :math:`d_k = \theta_k + U_k - \theta_{k+1}`:
+
+    .. math::
+      U_{k+1} = s_k\,\alpha_k\,d_k, \qquad
+      U_k \leftarrow U_k - s_k (1 - \alpha_k)\, d_k \;\;(\text{with reset}), \qquad
+      U_j \leftarrow U_j - s_k (\theta_j + U_j - \theta_{k+1} - \alpha_k d_k),\; j < k,
+
+    so level k+1 lands on :math:`\theta_{k+1} + \alpha_k d_k` and, with ``reset_faster``, levels
+    :math:`0..k` restart from it. This is ``optax/_src/lookahead.py``'s merged update (``u - s (1-α) d``,
+    masks rather than branches), extended to N levels; two levels are ``optax.lookahead`` bit for bit.
+
+    Args:
+      levels: the N level values (pytrees of one structure), fastest first.
+      updates: level 0's update this step (``None``: zero, when level 0 has already moved).
+      sync: N-1 masks, ``sync[k]`` whether level k+1 syncs now: a bool scalar, or a pytree of bool
+        scalars with the levels' structure (each parameter group at its own period).
+      rates: N-1 rates :math:`\alpha_k` (may be traced).
+      reset_faster: keyword-only; restart levels 0..k from level k+1 when it syncs (lookahead).
+
+    Returns:
+      The N updates (a tuple of pytrees; ``optax.apply_updates`` each to its level).
+
+    Example:
+      >>> ups = consolidate((jnp.ones(1), jnp.zeros(1)), jnp.ones(1), [jnp.array(True)], [0.5])
+      >>> [u.tolist() for u in ups]  # d = 1 + 1 - 0 = 2: slow moves by 1, fast lands on it
+      [[0.0], [1.0]]
+    """
+    n = len(levels)
+    if len(sync) != n - 1:
+        raise ValueError(f"consolidate: {n} levels need {n - 1} sync masks, got {len(sync)}")
+    ups = [optax.tree.zeros_like(levels[0]) if updates is None else updates] + [None] * (n - 1)
+    for k in range(n - 1):
+        s, alpha = _masks(sync[k], levels[0]), jnp.asarray(rates[k])
+        # d = (θ_k + U_k) - θ_{k+1}: the faster level's new value minus the slower level's old one.
+        if updates is None and k == 0:
+            d = jax.tree.map(jnp.subtract, levels[0], levels[1])
+        else:
+            d = jax.tree.map(lambda t, u, ts: t + u - ts, levels[k], ups[k], levels[k + 1])
+        ups[k + 1] = jax.tree.map(lambda x, s, a=alpha: a.astype(x.dtype) * s.astype(x.dtype) * x, d, s)
+        if reset_faster:
+            # Level k lands on θ_{k+1} + α d: U_k - s (1 - α) d (lookahead's fast update, bit for bit).
+            ups[k] = jax.tree.map(
+                lambda u, x, s, a=alpha: u - s.astype(x.dtype) * (1 - a.astype(x.dtype)) * x, ups[k], d, s
             )
-    return ups
+            # Faster levels j < k land on the same value: U_j - s (θ_j + U_j - θ_{k+1} - α d).
+            for j in range(k):
+                ups[j] = jax.tree.map(
+                    lambda u, t, ts, x, s, a=alpha: (
+                        u - s.astype(x.dtype) * (t + u - ts - a.astype(x.dtype) * x)
+                    ),
+                    ups[j],
+                    levels[j],
+                    levels[k + 1],
+                    d,
+                    s,
+                )
+    return tuple(ups)
+
+
+def _masks(s, like):
+    """A sync mask as a pytree of bool scalars with the structure of ``like`` (a scalar is broadcast)."""
+    if jax.tree.structure(s) == jax.tree.structure(like):
+        return jax.tree.map(jnp.asarray, s)
+    s = jnp.asarray(s)
+    return jax.tree.map(lambda _: s, like)
 
 
 class SlowLevelsState(NamedTuple):
@@ -215,19 +281,16 @@ def consolidation_in_state(
     and with ``reset_faster`` levels :math:`0..k` restart from :math:`\tilde\theta_{k+1}` when
     :math:`s_k`. Here the params are level 0 alone (the model's parameters, so the transform drops into
     any training loop, the continual engine included) and levels :math:`1..N-1` live in
-    :attr:`SlowLevelsState.slow`. The slow levels move inside a ``lax.while_loop`` of ``any(s)`` (0 or 1)
-    trips, which leaves them in place on steps without a sync (a ``lax.cond`` would copy them every
-    step), and the update is the inner one, or with a reset :math:`\tilde\theta_{k+1} - \theta_0` for the
-    slowest level that synced, chosen by ``where`` so that the inner update stays fused with the caller's
-    ``apply_updates``. A step without a sync so costs the inner update, one fused pass and a few selects.
-    :func:`consolidation` instead carries all N copies in the params and returns N updates every step
-    (zeros for the slow levels): N times the parameter traffic.
-
-    The trajectory is :func:`consolidation`'s up to rounding (the reset lands on the slow level's value
-    rather than on lookahead's merged update ``u - (1-α) d``; a few ulps apart), and so, for two levels,
-    ``optax.lookahead``'s. Periods and rates may be traced (swept under ``vmap``, injected); forward-mode
-    differentiation works, reverse mode does not pass the while loop: to differentiate through the
-    consolidation (a meta-gradient over rates), use :func:`consolidation`.
+    :attr:`SlowLevelsState.slow`. The arithmetic is :func:`consolidate` (the one rule), so the
+    trajectory is :func:`consolidation`'s, and for two levels ``optax.lookahead``'s. The slow levels move
+    inside a ``lax.while_loop`` of ``any(s)`` (0 or 1) trips, which leaves them in place on steps without
+    a sync (a ``lax.cond`` would copy them every step); level 0's update is elementwise in the old levels,
+    so it stays fused with the caller's ``apply_updates``. A step without a sync so costs the inner
+    update, one fused pass and a few selects. :func:`consolidation` instead carries all N copies in the
+    params and returns N updates every step (zeros for the slow levels): N times the parameter traffic.
+    Periods and rates may be traced (swept under ``vmap``, injected); forward-mode differentiation works,
+    reverse mode does not pass the while loop: to differentiate through the consolidation (a
+    meta-gradient over rates), use :func:`consolidation`.
 
     A separate factory rather than a flag on :func:`consolidation`, because the params and the state
     have different types: the update's contract (one level in, one level out) is fixed by the factory.
@@ -277,54 +340,31 @@ def consolidation_in_state(
         _check(params)
         u0, inner_state = inner.update(updates, state.inner_state, params)
         sync = level_clock(periods, state.count).active
-        # θ̃0 = θ0 + u0 is needed only on sync steps; XLA hoists it out of the loop (one fused pass).
-        fast_new = jax.tree.map(lambda t, u: jnp.asarray(t + u).astype(t.dtype), params, u0)
-        slow = _sync_levels(list(state.slow), fast_new, sync, rates, reset_faster)
+
+        def rule(slow, u0=u0):
+            return consolidate((params, *slow), u0, sync, rates, reset_faster=reset_faster)
+
+        # The slow levels move inside a while loop of any(sync) (0 or 1) trips: a while loop updates its
+        # carry in place and, when it does not run, passes it through untouched, where lax.cond copies
+        # every operand a branch returns unchanged (N-1 parameter copies on every step).
+        def body(carry):
+            i, slow = carry
+            ups = rule(slow)
+            return i + 1, tuple(jax.tree.map(lambda x, u: jnp.asarray(x + u).astype(x.dtype), s, u)
+                                for s, u in zip(slow, ups[1:]))  # fmt: skip
+
+        run = jnp.any(sync).astype(jnp.int32)
         if reset_faster:
-            # Fast params restart from the slowest level that synced: U = θ_{k+1} - θ0 (a select, not a
-            # branch, so the inner update stays fused with the caller's apply_updates).
-            for k in range(num_syncs):
-                u0 = jax.tree.map(
-                    lambda u, t, p, s=sync[k]: jnp.where(s, (t - p).astype(u.dtype), u), u0, slow[k], params
-                )
+            # Level 0's update is the rule's (elementwise in the old levels, so it stays fused with the
+            # caller's apply_updates; its slow-level parts are dead code and dropped).
+            u0 = rule(state.slow)[0]
+        _, slow = jax.lax.while_loop(lambda c: c[0] < run, body, (jnp.zeros([], jnp.int32), state.slow))
         if reset_state:
             fresh = inner.init(params)
             inner_state = jax.tree.map(lambda c, i: jnp.where(sync[0], i, c), inner_state, fresh)
         return u0, SlowLevelsState(optax.safe_increment(state.count), inner_state, tuple(slow))
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _sync_levels(slow, fast_new, sync, rates, reset_faster):
-    """The slow levels after a step: for k = 0, 1, ..., level k+1 (``slow[k]``) moves toward level k's new
-    value iff ``sync[k]``, and with reset levels 1..k restart from it.
-
-    One ``lax.while_loop`` of ``any(sync)`` (0 or 1) trips holds the arithmetic, rather than ``lax.cond``:
-    a while loop updates its carry in place and, when it does not run, passes it through untouched, where
-    ``cond`` copies every operand a branch returns unchanged (N-1 parameter copies on every step). Within
-    the loop, levels that do not sync are kept by ``where`` (one loop for all levels: a loop per level
-    costs copies between the loops).
-    """
-
-    def body(carry):
-        i, levels = carry
-        faster = fast_new
-        for k in range(len(levels)):
-            s, a = sync[k], rates[k]
-            target = jax.tree.map(lambda ts, t, a=a: ts + a.astype(ts.dtype) * (t - ts), levels[k], faster)
-            reset = [j for j in range(k + 1) if j == k or reset_faster]
-            levels = [
-                jax.tree.map(lambda x, y, s=s: jnp.where(s, y, x), levels[j], target)
-                if j in reset
-                else levels[j]
-                for j in range(len(levels))
-            ]
-            faster = levels[k]
-        return i + 1, levels
-
-    run = jnp.any(sync).astype(jnp.int32)
-    _, slow = jax.lax.while_loop(lambda carry: carry[0] < run, body, (jnp.zeros([], jnp.int32), slow))
-    return slow
 
 
 def consolidated_params(state: optax.OptState, level: int = -1):
