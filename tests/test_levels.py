@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from nestlearn.levels import Level, Nested, Stream, Tasks
+from nestlearn._errors import ConfigError
+from nestlearn.levels import Level, Nested, NestedTrainer, Stream, Tasks
 from nestlearn.meta import ANIL, MAML, Reptile, adapt
 from nestlearn.optim import LevelParams, consolidation, period_schedule
 from nestlearn.tasks import TaskBatch
@@ -353,3 +354,123 @@ def test_hand_derived_lookahead_and_rate_is_traced_without_recompiling():
             tele.update_norm[:, 1], [rate * 0.75, abs(slow_ref - rate * 0.75)], rtol=1e-6
         )
     assert len(traces) == 1
+
+
+# ---------------------------------------------------------------- on the engine: NestedTrainer
+
+
+def test_trainer_equals_nested_run_per_seed_and_rate():
+    """NestedTrainer (2 seeds x 2 rates, 2 chunks of 2 top-level steps, one program) = Nested.run per run.
+
+    Lookahead levels (fast SGD-momentum, slow consolidating every 3 clock steps); run r starts from
+    init_params(seed) and trains on the same fixed stream of 12 batches. Every run's slowest and fastest
+    parameters and per-step telemetry equal a separate Nested.run with that seed's parameters and rate.
+    """
+    k, n = 3, 12
+    data = stream(n)
+    inner = optax.sgd(0.05, momentum=0.9)
+
+    def program(rate):
+        return Nested(
+            (Level("fast", inner), Level("slow", period=k, learns_by="consolidate", rate=rate)), loss_fn
+        )
+
+    def init(key):
+        return jax.tree.map(lambda p: p + 0.1 * jax.random.normal(key, p.shape), init_params())
+
+    def sample(key, i):  # top-level step i: clock steps 3i .. 3i + 2 of the fixed stream
+        return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i * k, k), data)
+
+    trainer = NestedTrainer(program(0.5), init, sample, steps=n // k, chunk=2, compiler_options=FAST_COMPILE)
+    res = trainer.run([0, 1], sweep={"slow.rate": [0.5, 0.8]}, progress=False)
+    assert [(r["slow.rate"], r["seed"]) for r in res["runs"]] == [(0.5, 0), (0.5, 1), (0.8, 0), (0.8, 1)]
+    assert trainer.n_traces == 1  # two chunks, one program
+    fast = jax.jit(jax.vmap(lambda s: program(0.5).fast_params(s.nested)))(res["state"])
+    for r, run in enumerate(res["runs"]):
+        prog = program(run["slow.rate"])
+        state, tele = jit(prog.run)(prog.init(init(jax.random.key(run["seed"]))), data)
+        close(jax.tree.map(lambda a, r=r: a[r], res["params"]), prog.params(state))
+        close(jax.tree.map(lambda a, r=r: a[r], fast), prog.fast_params(state))
+        close(res["loss"][r], tele.loss)
+        close(res["level_update_norm"][r], tele.update_norm)
+        np.testing.assert_array_equal(res["num_updates"][r], tele.num_updates)
+    assert not np.allclose(res["params"]["w1"][0], res["params"]["w1"][2])  # the rate is really swept
+    np.testing.assert_array_equal(res["diverged_step"], -1)
+
+
+def test_trainer_diverged_run_is_frozen_and_nan():
+    """Loss (p - 1)^2 from p = 0, fast SGD(η) on two clock steps per top-level step, slow at rate 0.5.
+
+    η = 0.25 (hand-derived as in the Nested docstring): slow .375 after one top-level step, then .609375.
+    η = 1e20: clock step 0 has loss 1 and sends p to 2e20, whose loss overflows float32 at clock step 1,
+    so top-level step 0 diverges: diverged_step 0, its loss inf and every later metric NaN, the state
+    frozen at the start (0).
+    The swept learning rate is set in the fast level's inject_hyperparams state.
+    """
+    loss = lambda p, x, y: jnp.mean((x * p - y) ** 2)  # noqa: E731
+    prog = Nested(
+        (
+            Level("fast", optax.inject_hyperparams(optax.sgd)(learning_rate=0.25)),
+            Level("slow", period=2, learns_by="consolidate", rate=0.5),
+        ),
+        loss,
+    )
+    ones = (jnp.ones(2), jnp.ones(2))
+    trainer = NestedTrainer(
+        prog,
+        lambda key: jnp.zeros(()),
+        lambda key, i: ones,
+        steps=2,
+        chunk=1,
+        evaluate=lambda p, key: {"distance": jnp.abs(p - 1.0)},
+        compiler_options=FAST_COMPILE,
+    )
+    res = trainer.run([0], sweep={"fast.learning_rate": [0.25, 1e20]}, progress=False)
+    np.testing.assert_array_equal(res["diverged_step"], [-1, 0])
+    np.testing.assert_allclose(res["params"], [0.609375, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(res["eval"]["distance"][0], [0.625, 0.390625], rtol=1e-6)
+    # Clock losses (0 - 1)^2 = 1, (.5 - 1)^2 = .25; then (.375 - 1)^2 = .390625, (.6875 - 1)^2 = .09765625:
+    # means .625 and .244140625.
+    np.testing.assert_allclose(res["loss"][0], [0.625, 0.244140625], rtol=1e-6)
+    # The diverging step reports its own loss (inf); every later metric is NaN (the engine's policy).
+    assert np.isinf(res["loss"][1, 0]) and np.isnan(res["loss"][1, 1])
+    assert np.isnan(res["eval"]["distance"][1, 1]) and np.isnan(res["level_update_norm"][1, 1]).all()
+    np.testing.assert_array_equal(res["num_updates"][0], [[2, 1], [4, 2]])
+
+
+def test_trainer_runs_maml_tasks_like_nested_run():
+    """Tasks schedule (first-order MAML levels) on the trainer = Nested.run on the same 3 task batches."""
+    tasks = sine_tasks()
+    prog = Nested(
+        (Level("task", optax.sgd(0.1)), Level("init", optax.adam(0.05), period=2, learns_by="first_order")),
+        loss_fn,
+        Tasks(),
+    )
+    trainer = NestedTrainer(
+        prog,
+        lambda key: init_params(),
+        lambda key, i: jax.tree.map(lambda a: a[i], tasks),
+        steps=3,
+        compiler_options=FAST_COMPILE,
+    )
+    with jax.numpy_dtype_promotion("standard"):  # optax.adam mixes weak and strong types
+        res = trainer.run([0], progress=False)
+        state, tele = jit(prog.run)(prog.init(init_params()), tasks)
+    close(jax.tree.map(lambda a: a[0], res["params"]), prog.params(state))
+    close(res["outer_loss"][0], tele.outer_loss)
+    close(res["level_update_norm"][0], tele.update_norm)
+
+
+def test_trainer_sweep_errors_name_the_field():
+    prog = Nested(
+        (Level("fast", optax.sgd(0.1)), Level("slow", period=2, learns_by="consolidate", rate=0.5)), loss_fn
+    )
+    trainer = NestedTrainer(prog, lambda key: init_params(), lambda key, i: stream(2), steps=1)
+    with pytest.raises(ConfigError, match=r"sweep 'fast.rate': level 'fast' does not consolidate at a rate"):
+        trainer.run([0], sweep={"fast.rate": [0.1]}, progress=False)
+    with pytest.raises(ConfigError, match=r"sweep 'fast.learning_rate': .* holds no 'learning_rate'"):
+        trainer.run([0], sweep={"fast.learning_rate": [0.1]}, progress=False)
+    with pytest.raises(ConfigError, match=r"sweep 'mid.rate': name a level"):
+        trainer.run([0], sweep={"mid.rate": [0.1]}, progress=False)
+    with pytest.raises(ConfigError, match=r"chunk must be a positive int dividing steps=3"):
+        NestedTrainer(prog, lambda key: init_params(), lambda key, i: stream(2), steps=3, chunk=2)
