@@ -94,6 +94,36 @@ def test_period_schedule_groups_by_mask_and_inner_state_waits():
         optim.periodic(optax.sgd(1.0), 0)
 
 
+def test_consolidate_rule_by_hand():
+    # The one rule (optim.consolidate) that consolidation, consolidation_in_state, FastSlow and the levels
+    # call. Levels θ = (1, 0, 0), level-0 update u = 1, rates (0.5, 0.5).
+    # Both levels sync, with reset: d0 = 1 + 1 - 0 = 2, U1 = 1, U0 = 1 - 0.5 * 2 = 0; then
+    #   d1 = 0 + 1 - 0 = 1, U2 = 0.5, U1 = 1 - 0.5 * 1 = 0.5, U0 = 0 - (1 + 0 - 0 - 0.5) = -0.5:
+    #   every level lands on 0.5. Without reset: U = (1, 1, 0.5), levels (2, 1, 0.5).
+    one, zero = jnp.ones(()), jnp.zeros(())
+    on = jnp.asarray(True)
+    ups = optim.consolidate((one, zero, zero), one, [on, on], [0.5, 0.5])
+    assert [float(u) for u in ups] == [-0.5, 0.5, 0.5]
+    ups = optim.consolidate((one, zero, zero), one, [on, on], [0.5, 0.5], reset_faster=False)
+    assert [float(u) for u in ups] == [1.0, 1.0, 0.5]
+    # Per-group masks: only "a" syncs level 1 (level 2 does not sync): a's fast update is 1 - 0.5 * 2 = 0
+    # (it lands on level 1's new value 1), b keeps u = 1 and its level 1 stays.
+    p = {"a": one, "b": one}
+    mask = {"a": on, "b": jnp.asarray(False)}
+    ups = optim.consolidate((p, {"a": zero, "b": zero}, {"a": zero, "b": zero}), p, [mask, False], [0.5, 0.5])
+    assert [{k: float(v) for k, v in u.items()} for u in ups] == [
+        {"a": 0.0, "b": 1.0},
+        {"a": 1.0, "b": 0.0},
+        {"a": 0.0, "b": 0.0},
+    ]
+    # Level 0 already moved (updates=None, as FastSlow calls it): θ = (2, 0), rate 0.25: d = 2, the slow
+    # level moves by 0.5 and the fast one by -0.75 * 2 = -1.5, both to 0.5.
+    ups = optim.consolidate((2.0 * one, zero), None, [on], [0.25])
+    assert [float(u) for u in ups] == [-1.5, 0.5]
+    with pytest.raises(ValueError, match="3 levels need 2 sync masks, got 1"):
+        optim.consolidate((one, zero, zero), one, [on], [0.5, 0.5])
+
+
 def _lookahead_vs_consolidation(reset_state, rate):
     key = jax.random.PRNGKey(0)
     p0 = {"w": jax.random.normal(key, (3, 4)), "b": jnp.ones(4)}
