@@ -52,7 +52,7 @@ import numpy as np
 import optax
 import pandas as pd
 
-from nestlearn import continual, engine, metrics, nn, optim, plot, tasks
+from nestlearn import continual, engine, levels, metrics, nn, optim, plot, tasks
 
 SMALL = os.environ.get("NESTLEARN_SMALL") == "1"
 
@@ -136,19 +136,31 @@ for g in range(1, 7):
 # trained on the squared error, batch 16, each task in turn, and tested on 256 held-out examples of
 # every task at every step. The optimizers (learning rate 0.05 unless said):
 #
-# - **SGD momentum**: `optax.sgd(0.05, momentum=0.9)` on A and B;
-# - **delta momentum**: `optim.delta_momentum(0.05, decay=0.9)`, the paper's "momentum as an
-#   associative memory" that, before storing the new gradient, erases what it held along it;
-# - **period schedule** (the CMS rule): `optim.period_schedule`, A with SGD momentum every step, B
-#   every 10 steps with the sum of its 10 gradients;
-# - **consolidation**: `optim.consolidation(sgd_momentum, [10], [0.5])`, two levels: every 10 steps
-#   the slow copy moves halfway to the fast one and the fast one restarts from it (Lookahead); the slow
-#   copy is evaluated;
-# - **M3**: `optim.m3(0.01, slow_period=10)`, fast and slow Newton–Schulz-orthogonalised momenta over
-#   an Adam-style second moment, the slow one updated every 10 steps.
+# Every learner here is written the same way, as a **nested program** of `nestlearn.levels`: a tuple of
+# `levels.Level`s, fastest first, each naming the parameters it owns, its optimizer, its period and
+# how it learns (from the data, or by consolidating toward the faster level below). A single level
+# that owns everything and updates every step is plain training with its optimizer. The learners
+# (learning rate 0.05 unless said):
 #
-# A whole run (every step of every task, the test losses included) is one `lax.scan`; the seeds are
-# a `vmap` axis, so each optimizer is one compiled program.
+# - **SGD momentum**: one level, `optax.sgd(0.05, momentum=0.9)` on A and B;
+# - **delta momentum**: one level, `optim.delta_momentum(0.05, decay=0.9)`, the paper's "momentum as an
+#   associative memory" that, before storing the new gradient, erases what it held along it;
+# - **period schedule** (the CMS rule): two levels that learn from the data, A with SGD momentum every
+#   step and B every 10 steps with the sum of its 10 gradients (the same numbers as
+#   `optim.period_schedule`, which the tests check);
+# - **consolidation**: two levels over the same weights: a fast level with SGD momentum every step
+#   and a slow one that every 10 steps moves halfway to the fast one (`learns_by="consolidate"`,
+#   rate 0.5), after which the fast one restarts from it (Lookahead; the arithmetic is
+#   `optim.consolidate`, the one consolidation rule); the slow copy is evaluated;
+# - **M3**: one level, `optim.m3(0.01, slow_period=10)`, fast and slow Newton–Schulz-orthogonalised
+#   momenta over an Adam-style second moment, the slow one updated every 10 steps.
+#
+# `levels.NestedTrainer` runs a program for all seeds at once on the engine: the seeds are a `vmap`
+# axis, each engine step is one **top-level step** of the program (one update of its slowest level:
+# 10 data steps for the two-level learners, 1 for the others), and the steps run under `lax.scan` in
+# chunks of one task each, compiled once per learner. After every top-level step the trainer's
+# `evaluate` measures the test loss on every task at the slowest level's weights, so the two-level
+# learners are measured every 10 steps and the others at every step.
 
 # %%
 D, K, M, R = 32, 4, 4, 8  # input dimension, tasks, outputs, dimension of each task's subspace
@@ -176,47 +188,57 @@ def mse(w, x, y):
     return 0.5 * jnp.mean(jnp.sum(jnp.square(x @ w.T - y), -1))
 
 
-def toy_run(tx, levels=False):
-    """A jitted function of seed keys: test loss on every task after every step, ``[seeds, K * steps, K]``."""
+def toy_loss(p, x, y):
+    return mse(p["A"] + p["B"], x, y)
 
-    def one(key):
-        u, t, xs, ys = toy_problem(key)
-        zero = {"A": jnp.zeros((M, D)), "B": jnp.zeros((M, D))}
-        params = optim.LevelParams.init_synced(zero, 2) if levels else zero
 
-        def step(carry, s):
-            params, state = carry
-            task = s // TOY_STEPS
-            x, y = sample(jax.random.fold_in(key, s), u[task], t[task], TOY_BATCH)
-            at = params.fastest if levels else params  # gradients at the fastest level
-            grads = jax.grad(lambda p: mse(p["A"] + p["B"], x, y))(at)
-            updates, state = tx.update(grads, state, params)
-            params = optax.apply_updates(params, updates)
-            w = params.slowest if levels else params  # evaluate the slowest level
-            return (params, state), jax.vmap(lambda a, b: mse(w["A"] + w["B"], a, b))(xs, ys)
+def toy_trainer(program):
+    """The program on the toy for every seed: top-level step i trains on data steps P i .. P i + P - 1."""
+    P = program.periods[-1]
 
-        _, curve = jax.lax.scan(step, (params, tx.init(params)), jnp.arange(K * TOY_STEPS))
-        return curve
+    def batches(key, i):
+        u, t, _, _ = toy_problem(key)
+        s = i * P + jnp.arange(P)
+        return jax.vmap(
+            lambda s: sample(jax.random.fold_in(key, s), u[s // TOY_STEPS], t[s // TOY_STEPS], TOY_BATCH)
+        )(s)
 
-    return jax.jit(jax.vmap(one))
+    def evaluate(params, key):
+        _, _, xs, ys = toy_problem(key)
+        return {"test": jax.vmap(lambda a, b: toy_loss(params, a, b))(xs, ys)}
+
+    zero = {"A": jnp.zeros((M, D)), "B": jnp.zeros((M, D))}
+    return levels.NestedTrainer(
+        program, lambda key: zero, batches, steps=K * TOY_STEPS // P, chunk=TOY_STEPS // P, evaluate=evaluate
+    )
 
 
 sgdm = optax.sgd(0.05, momentum=0.9)
-toy_optimizers = {
-    "SGD momentum": sgdm,
-    "delta momentum": optim.delta_momentum(0.05, 0.9),
-    "period schedule": optim.period_schedule(
-        {"fast": sgdm, "slow": sgdm}, {"fast": 1, "slow": 10}, lambda p: {"A": "fast", "B": "slow"}
+owns_a, owns_b = (lambda path: path == ("A",)), (lambda path: path == ("B",))
+toy_programs = {
+    "SGD momentum": (levels.Level("weights", sgdm),),
+    "delta momentum": (levels.Level("weights", optim.delta_momentum(0.05, 0.9)),),
+    "period schedule": (
+        levels.Level("A", sgdm, owns=owns_a),
+        levels.Level("B", sgdm, period=10, owns=owns_b),
     ),
-    "consolidation": optim.consolidation(sgdm, [10], [0.5]),
-    "M3": optim.m3(0.01, slow_period=10),
+    "consolidation": (
+        levels.Level("fast", sgdm),
+        levels.Level("slow", period=10, learns_by="consolidate", rate=0.5),
+    ),
+    "M3": (levels.Level("weights", optim.m3(0.01, slow_period=10)),),
 }
-toy_keys = jax.vmap(jax.random.key)(jnp.asarray(list(TOY_SEEDS), jnp.uint32))
-toy = {}
+toy, toy_every, toy_results = {}, {}, {}
 t0 = time.perf_counter()
-for name, tx in toy_optimizers.items():
-    toy[name] = np.asarray(toy_run(tx, levels=name == "consolidation")(toy_keys))
-print(f"{len(toy)} optimizers x {len(TOY_SEEDS)} seeds in {time.perf_counter() - t0:.1f} s")
+for name, lv in toy_programs.items():
+    program = levels.Nested(lv, toy_loss, levels.Stream())
+    toy_results[name] = toy_trainer(program).run(list(TOY_SEEDS), progress=False)
+    toy[name] = toy_results[name]["eval"]["test"]  # [seeds, top-level steps, K]
+    toy_every[name] = program.periods[-1]  # data steps per evaluation
+print(f"{len(toy)} learners x {len(TOY_SEEDS)} seeds in {time.perf_counter() - t0:.1f} s")
+for name in ("period schedule", "consolidation"):
+    counts = toy_results[name]["num_updates"][0, -1].tolist()
+    print(f"{name}: updates per level after {K * TOY_STEPS} data steps, fastest first: {counts}")
 
 # %% [markdown]
 # From the curves, the end of each task gives the loss matrix L[i, j], test loss on task j after
@@ -224,10 +246,13 @@ print(f"{len(toy)} optimizers x {len(TOY_SEEDS)} seeds in {time.perf_counter() -
 # end of its own training and the end of the stream, averaged over the K − 1 earlier tasks; the loss
 # *just after training* each task, mean of L[j, j], says how well the optimizer learned it at all (an
 # optimizer that never learns has nothing to forget). Left: the test loss on task 1 over the whole
-# stream (dashed lines: task boundaries; bands: one standard error over seeds). Right: forgetting.
+# stream, at every evaluation (every step for the one-level learners, every 10 steps for the two-level
+# ones; dashed lines: task boundaries; bands: one standard error over seeds). Right: forgetting.
 
 # %%
-toy_ends = {name: c[:, TOY_STEPS - 1 :: TOY_STEPS] for name, c in toy.items()}  # [seeds, K, K]
+toy_ends = {  # [seeds, K, K]: the evaluation at the end of each task
+    name: c[:, TOY_STEPS // toy_every[name] - 1 :: TOY_STEPS // toy_every[name]] for name, c in toy.items()
+}
 toy_forgetting = {
     name: (e[:, -1, :-1] - np.diagonal(e, axis1=1, axis2=2)[:, :-1]).mean(1) for name, e in toy_ends.items()
 }
@@ -249,9 +274,9 @@ def sem(values):
 
 with plot.style():
     fig, (left, right) = plt.subplots(1, 2, figsize=(plot.DOUBLE_COLUMN, 2.4))
-    x = np.arange(1, K * TOY_STEPS + 1)
     for i, (name, c) in enumerate(toy.items()):
-        v = c[:, :, 0]  # [seeds, steps]
+        v = c[:, :, 0]  # [seeds, evaluations]
+        x = np.arange(1, v.shape[1] + 1) * toy_every[name]  # the data step of each evaluation
         mean, err = v.mean(0), v.std(0, ddof=1) / np.sqrt(len(v))
         left.plot(x, mean, color=f"C{i}", lw=0.8, label=name)
         left.fill_between(x, mean - err, mean + err, color=f"C{i}", alpha=0.25, lw=0)
@@ -588,6 +613,7 @@ one.unstack("task").round(3)
 # models; at this scale the period choice is not where the forgetting is decided.
 #
 # Related pieces not used here: the **nested** CMS variant (`continual.nested_cms`, each block's
-# initial state meta-learned by the slower block, first order) and the levels abstraction
-# (`nestlearn.levels.Level` / `Nested`, which writes MAML, Reptile, Lookahead and a CMS-MLP as
-# configurations of levels); `experiments/cms_streams.py` also runs split MNIST and the nested variant.
+# initial state meta-learned by the slower block, first order), and the rest of what levels express
+# (`levels.Nested` with `levels.Tasks()` writes MAML, first-order MAML, ANIL and Reptile as
+# configurations of levels, and `NestedTrainer` sweeps a level's rate or optimizer hyperparameters as
+# runs of one program); `experiments/cms_streams.py` also runs split MNIST and the nested variant.
