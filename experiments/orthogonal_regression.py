@@ -14,14 +14,18 @@ Setup:    d = 32 inputs, K = 4 tasks, m = 4 outputs. Per seed, a random orthonor
           both start at 0), trained on 0.5 ||y_hat - y||^2 with batch 16, 300 steps per task, seeds 0-4.
           Test sets: 256 examples per task from the same distribution. Forgetting of task j is its test
           loss after the last task minus its test loss right after training it (mean over j < K).
-          Optimizers (all at learning rate 0.05 unless said):
-            sgd_momentum       optax.sgd(0.05, momentum=0.9) on A and B
-            delta_momentum     optim.delta_momentum(0.05, decay=0.9)
-            period_schedule    optim.period_schedule: A with SGD-momentum every step, B every 10 steps
-                               with the sum of its 10 gradients (the CMS rule)
-            consolidation      optim.consolidation(sgd-momentum, [10], [0.5]): two levels, the slow copy
-                               evaluated (lookahead)
-            m3                 optim.m3(0.01, slow_period=10)
+          Learners, each a nested program of nestlearn.levels run by levels.NestedTrainer (seeds vmapped,
+          one task per compiled chunk), all at learning rate 0.05 unless said:
+            sgd_momentum       one level, optax.sgd(0.05, momentum=0.9) on A and B
+            delta_momentum     one level, optim.delta_momentum(0.05, decay=0.9)
+            period_schedule    two levels learning from the data (the CMS rule): A with SGD-momentum every
+                               step, B every 10 steps with the sum of its 10 gradients
+            consolidation      two levels over A and B: fast SGD-momentum, slow consolidating every 10 steps
+                               at rate 0.5 (lookahead, optim.consolidate); the slow copy evaluated
+            m3                 one level, optim.m3(0.01, slow_period=10)
+          Test losses are measured after every top-level step: every step for one-level learners, every
+          10 steps for two-level ones (curves.npz stores each learner's evaluation period as
+          "<name>__every").
 """
 
 from __future__ import annotations
@@ -34,25 +38,29 @@ import numpy as np
 import optax
 import pandas as pd
 
-from nestlearn import optim
+from nestlearn import levels, optim
 from nestlearn.experiment._rundir import atomic_write, write_json
 
 D, K, M, R = 32, 4, 4, 8
 NOISE, BATCH, N_TEST = 0.05, 16, 256
 
 
-def optimizers() -> dict:
+def learners() -> dict:
+    """Every learner as the levels of a nested program, fastest first."""
     sgdm = optax.sgd(0.05, momentum=0.9)
+    owns_a, owns_b = (lambda path: path == ("A",)), (lambda path: path == ("B",))
     return {
-        "sgd_momentum": sgdm,
-        "delta_momentum": optim.delta_momentum(0.05, 0.9),
-        "period_schedule": optim.period_schedule(
-            {"fast": optax.sgd(0.05, momentum=0.9), "slow": optax.sgd(0.05, momentum=0.9)},
-            {"fast": 1, "slow": 10},
-            lambda p: {"A": "fast", "B": "slow"},
+        "sgd_momentum": (levels.Level("weights", sgdm),),
+        "delta_momentum": (levels.Level("weights", optim.delta_momentum(0.05, 0.9)),),
+        "period_schedule": (
+            levels.Level("A", sgdm, owns=owns_a),
+            levels.Level("B", sgdm, period=10, owns=owns_b),
         ),
-        "consolidation": optim.consolidation(sgdm, [10], [0.5]),
-        "m3": optim.m3(0.01, slow_period=10),
+        "consolidation": (
+            levels.Level("fast", sgdm),
+            levels.Level("slow", period=10, learns_by="consolidate", rate=0.5),
+        ),
+        "m3": (levels.Level("weights", optim.m3(0.01, slow_period=10)),),
     }
 
 
@@ -77,34 +85,26 @@ def loss(w, x, y):
     return 0.5 * jnp.mean(jnp.sum(jnp.square(x @ w.T - y), -1))
 
 
-def make_run(tx, steps: int, levels: bool):
-    """One seed: train on the K tasks in turn; returns the test loss on every task after every step."""
+def train_loss(p, x, y):
+    return loss(p["A"] + p["B"], x, y)
 
-    def weights(params):
-        p = params.slowest if levels else params
-        return p["A"] + p["B"]
 
-    def run_one(key):
-        u, t, xs, ys = problem(key)
-        zero = {"A": jnp.zeros((M, D)), "B": jnp.zeros((M, D))}
-        params = optim.LevelParams.init_synced(zero, 2) if levels else zero
-        state = tx.init(params)
+def trainer(program: levels.Nested, steps: int) -> levels.NestedTrainer:
+    """Every seed trains on the K tasks in turn; the test loss on every task after every top-level step."""
+    period = program.periods[-1]
 
-        def step(carry, s):
-            params, state = carry
-            task = s // steps
-            x, y = sample(jax.random.fold_in(key, s), u[task], t[task], BATCH)
-            at = params.fastest if levels else params
-            grads = jax.grad(lambda p: loss(p["A"] + p["B"], x, y))(at)
-            updates, state = tx.update(grads, state, params)
-            params = optax.apply_updates(params, updates)
-            w = weights(params)
-            return (params, state), jax.vmap(lambda xt, yt: loss(w, xt, yt))(xs, ys)
+    def batches(key, i):  # top-level step i: data steps period * i .. period * i + period - 1
+        u, t, _, _ = problem(key)
+        s = i * period + jnp.arange(period)
+        return jax.vmap(lambda s: sample(jax.random.fold_in(key, s), u[s // steps], t[s // steps], BATCH))(s)
 
-        _, curve = jax.lax.scan(step, (params, state), jnp.arange(K * steps))
-        return curve
+    def evaluate(params, key):
+        _, _, xs, ys = problem(key)
+        return {"test": jax.vmap(lambda xt, yt: train_loss(params, xt, yt))(xs, ys)}
 
-    return jax.jit(jax.vmap(run_one))
+    zero = {"A": jnp.zeros((M, D)), "B": jnp.zeros((M, D))}
+    n = steps // period
+    return levels.NestedTrainer(program, lambda key: zero, batches, steps=K * n, chunk=n, evaluate=evaluate)
 
 
 def run(out: Path, *, quick: bool = False, log=print, scale: tuple | None = None) -> None:
@@ -112,12 +112,16 @@ def run(out: Path, *, quick: bool = False, log=print, scale: tuple | None = None
     steps, seeds = (100, (0, 1)) if quick else (300, (0, 1, 2, 3, 4))
     if scale is not None:
         steps, seeds = scale
-    keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds, jnp.uint32))
-    curves, matrix_rows, summary_rows = {}, [], []
-    for name, tx in optimizers().items():
-        curve = np.asarray(make_run(tx, steps, levels=name == "consolidation")(keys))  # [S, K*steps, K]
-        curves[name] = curve
-        ends = curve[:, steps - 1 :: steps]  # [S, K (trained), K (evaluated)]
+    curves, every, matrix_rows, summary_rows = {}, {}, [], []
+    for name, lv in learners().items():
+        program = levels.Nested(lv, train_loss, levels.Stream())
+        period = program.periods[-1]
+        if steps % period:
+            raise ValueError(f"steps per task ({steps}) must be a multiple of {name}'s period {period}")
+        curve = trainer(program, steps).run(list(seeds), progress=False)["eval"]["test"]  # [S, K*steps/P, K]
+        curves[name], every[name] = curve, period
+        n = steps // period
+        ends = curve[:, n - 1 :: n]  # [S, K (trained), K (evaluated)]
         for s, seed in enumerate(seeds):
             for i in range(K):
                 for j in range(K):
@@ -134,7 +138,11 @@ def run(out: Path, *, quick: bool = False, log=print, scale: tuple | None = None
     atomic_write(out / "results" / "loss_matrix.csv", pd.DataFrame(matrix_rows).to_csv(index=False))
     atomic_write(out / "results" / "summary.csv", pd.DataFrame(summary_rows).to_csv(index=False))
     atomic_write(
-        out / "results" / "curves.npz", lambda fh: np.savez(fh, steps_per_task=steps, **curves), mode="wb"
+        out / "results" / "curves.npz",
+        lambda fh: np.savez(
+            fh, steps_per_task=steps, **curves, **{f"{k}__every": v for k, v in every.items()}
+        ),
+        mode="wb",
     )
     figures(out)
     write_json(out / "status.json", {"complete": True, "optimizers": list(curves), "seeds": list(seeds),
@@ -148,7 +156,9 @@ def figures(out: Path) -> None:
 
     with np.load(out / "results" / "curves.npz") as z:
         steps = int(z["steps_per_task"])
-        curves = {k: z[k] for k in z.files if k != "steps_per_task"}
+        names = [k for k in z.files if k != "steps_per_task" and not k.endswith("__every")]
+        curves = {k: z[k] for k in names}
+        every = {k: int(z[f"{k}__every"]) if f"{k}__every" in z.files else 1 for k in names}
     summary = pd.read_csv(out / "results" / "summary.csv")
     with plot.style():
         fig, (left, right) = plt.subplots(1, 2, figsize=(plot.DOUBLE_COLUMN, 2.4))
@@ -156,7 +166,7 @@ def figures(out: Path) -> None:
             v = c[:, :, 0]  # task 1's test loss over the whole stream
             mean = v.mean(0)
             sem = v.std(0, ddof=1) / np.sqrt(len(v)) if len(v) > 1 else np.zeros_like(mean)
-            x = np.arange(1, len(mean) + 1)
+            x = np.arange(1, len(mean) + 1) * every[name]  # the data step of each evaluation
             left.plot(x, mean, color=f"C{i}", label=name.replace("_", " "), lw=0.8)
             left.fill_between(x, mean - sem, mean + sem, color=f"C{i}", alpha=0.25, lw=0)
         for b in range(1, K):
