@@ -474,3 +474,25 @@ def test_trainer_sweep_errors_name_the_field():
         trainer.run([0], sweep={"mid.rate": [0.1]}, progress=False)
     with pytest.raises(ConfigError, match=r"chunk must be a positive int dividing steps=3"):
         NestedTrainer(prog, lambda key: init_params(), lambda key, i: stream(2), steps=3, chunk=2)
+
+
+def test_trainer_sharded_over_a_mesh_equals_unsharded():
+    """The runs sharded over the four fake CPU devices (a one-axis mesh) give the same numbers."""
+    from nestlearn.engine import run_mesh
+
+    loss = lambda p, x, y: jnp.mean((x * p - y) ** 2)  # noqa: E731
+    prog = Nested(
+        (Level("fast", optax.sgd(0.25)), Level("slow", period=2, learns_by="consolidate", rate=0.5)), loss
+    )
+    trainer = NestedTrainer(
+        prog,
+        lambda key: jax.random.normal(key, ()),
+        lambda key, i: (jnp.ones(2), jnp.ones(2)),
+        steps=2,
+        compiler_options=FAST_COMPILE,
+    )
+    plain = trainer.run([0, 1], sweep={"slow.rate": [0.5, 0.7]}, progress=False)
+    sharded = trainer.run([0, 1], sweep={"slow.rate": [0.5, 0.7]}, mesh=run_mesh(4), progress=False)
+    assert len(sharded["state"].step.sharding.device_set) == 4
+    np.testing.assert_array_equal(sharded["params"], plain["params"])
+    np.testing.assert_array_equal(sharded["loss"], plain["loss"])
