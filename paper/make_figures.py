@@ -1,17 +1,17 @@
 """Rebuilds every paper figure from stored results, without retraining.
 
-    python paper/make_figures.py [--runs RUNS_DIR] [--out paper/figures]
+    python paper/make_figures.py [--runs RUNS_DIR] [--out paper/figures] [--allow-quick]
 
 Each figure reads the run directory of the experiment that produces it, ``RUNS_DIR/<experiment>/``
-(what ``nestlearn run <experiment>`` writes by default), and writes a PDF into ``paper/figures/``.
-A missing or unfinished run is an error naming the experiment and the command that produces it;
-figures whose results are present are still written.
+(what ``nestlearn run <experiment>`` writes by default, or a study through
+``nestlearn.experiment.RunDir``), and writes a PDF into ``paper/figures/``. A missing or unfinished run
+is an error naming the experiment and the command that produces it; so is a ``--quick`` run, unless
+``--allow-quick`` is given. Figures whose results are present are still written.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from collections.abc import Callable
@@ -25,25 +25,32 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from nestlearn import plot  # noqa: E402
 from nestlearn.continual import StreamResult  # noqa: E402
-from nestlearn.experiment import load_result  # noqa: E402
+from nestlearn.experiment import RunDir, load_experiment, load_result, swept_key  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
 
 class MissingResults(Exception):
-    """The stored results a figure needs are not there."""
+    """The stored results a figure needs are not there (or are those of a quick run)."""
+
+
+ALLOW_QUICK = False  # set by --allow-quick: figures may be drawn from --quick runs
 
 
 def finished_run(runs: Path, experiment: str) -> Path:
-    """The run directory of a finished run of ``experiment``, or an error naming how to produce it."""
-    directory = runs / experiment
-    status = directory / "status.json"
-    if not status.exists() or not json.loads(status.read_text()).get("complete"):
+    """The run directory of a finished, full-size run of ``experiment``, or an error naming how to produce it."""
+    rundir = RunDir(runs / experiment)
+    if not rundir.complete:
         raise MissingResults(
-            f"no finished results of experiment {experiment!r} in {directory}; "
-            f"produce them with: nestlearn run {experiment} --out {directory}"
+            f"no finished results of experiment {experiment!r} in {rundir.path}; "
+            f"produce them with: nestlearn run {experiment} --out {rundir.path}"
         )
-    return directory
+    if rundir.quick and not ALLOW_QUICK:
+        raise MissingResults(
+            f"the run of {experiment!r} in {rundir.path} is a --quick run; pass --allow-quick to draw from it, "
+            f"or produce the full results with: nestlearn run {experiment} --out {rundir.path} --force"
+        )
+    return rundir.path
 
 
 def results_of(runs: Path, experiment: str) -> dict[str, StreamResult]:
@@ -97,7 +104,6 @@ def fig_split_scenarios(runs: Path) -> plt.Figure:
 
 def fig_stability_plasticity(runs: Path) -> plt.Figure:
     from nestlearn import metrics
-    from nestlearn.experiment._run import swept_key
 
     results = results_of(runs, "stability_plasticity")
     swept = {name: swept_key(r) for name, r in results.items() if swept_key(r)}
@@ -108,10 +114,7 @@ def fig_stability_plasticity(runs: Path) -> plt.Figure:
 
 def experiment_module(name: str):
     """The experiment file ``experiments/<name>.py``, whose figure functions read stored results."""
-    spec = importlib.util.spec_from_file_location(name, HERE.parent / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment(str(HERE.parent / "experiments" / f"{name}.py"))[1]
 
 
 def fig_loss_of_plasticity(runs: Path) -> plt.Figure:
@@ -166,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=HERE / "figures")
     p.add_argument("--only", nargs="*", default=None, help="names of the figures to build (default: all)")
+    p.add_argument("--allow-quick", action="store_true", help="draw figures from --quick runs too")
     args = p.parse_args(argv)
+    global ALLOW_QUICK
+    ALLOW_QUICK = args.allow_quick
     missing = []
     for name, make in FIGURES.items():
         if args.only and name not in args.only:

@@ -22,7 +22,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from nestlearn._errors import ConfigError
 from nestlearn.continual._strategy import Batch, Context, Naive, Params, Strategy
-from nestlearn.engine import Engine, Progress, check_seeds, compile_once, run_keys
+from nestlearn.engine import Checkpoints, Engine, Progress, check_seeds, compile_once, run_keys
 from nestlearn.metrics._plasticity import dead_unit_fraction, weight_magnitude
 from nestlearn.nn._mlp import MLP
 from nestlearn.tasks._plasticity import RegressionState, SlowlyChangingRegression
@@ -72,6 +72,7 @@ def run_online_regression(
     seeds: Sequence[int] = (0,),
     bin: int = 1_000,
     progress: bool | None = False,
+    checkpoints: Checkpoints | None = None,
 ) -> OnlineResult:
     """Trains a ``n_inputs -> hidden -> 1`` ReLU network online on ``problem``, one example per step.
 
@@ -98,6 +99,10 @@ def run_online_regression(
       seeds: one run per seed (its stream, target network and initialisation).
       bin: steps per bin (and per compiled call).
       progress: report progress with an ETA after every bin (``None``: unless ``NESTLEARN_PROGRESS=0``).
+      checkpoints: an :class:`nestlearn.engine.Checkpoints` (of this configuration only): after every bin
+        the carry and the measures so far are saved as checkpoint ``bins done``, and a run that finds
+        a checkpoint there continues from the latest one, ending with the same result as an
+        uninterrupted run.
 
     Returns:
       An :class:`OnlineResult`.
@@ -117,15 +122,26 @@ def run_online_regression(
     seeds = tuple(check_seeds(seeds))
 
     init, engine = _programs(problem, hidden, float(lr), bin, jax.tree.structure(strategy))
-    carry = init(run_keys(seeds), strategy)
+    keys = run_keys(seeds)
     n_bins = steps // bin
-    measures = []
+    names = ("error", "dead_fraction", "weight_magnitude")
+    arrays = {k: np.full((len(seeds), n_bins), np.nan, np.float32) for k in names}
+    first = checkpoints.latest() if checkpoints is not None else None
+    if first is not None:  # resume: the carry after bin `first`, restored into the shapes of a fresh one
+        if not 0 < first <= n_bins:
+            raise ConfigError(f"checkpoint {first} does not fit a run of {n_bins} bins")
+        carry, record = checkpoints.restore(first, jax.eval_shape(init, keys, strategy), arrays)
+        arrays = {k: np.array(record[k], np.float32) for k in names}
+    else:
+        first, carry = 0, init(keys, strategy)
     progress = Progress(n_bins, "online regression", enabled=progress)
-    for b in range(n_bins):  # one compiled bin per call
+    for b in range(first, n_bins):  # one compiled bin per call
         carry, bin_measures = engine.run(carry, strategy)
-        measures.append(bin_measures)
-        progress.update(b + 1, error=float(np.nanmean(np.asarray(bin_measures["error"]))))
-    arrays = {k: np.stack([np.asarray(m[k]) for m in measures], 1) for k in measures[0]}
+        for k in names:
+            arrays[k][:, b] = np.asarray(bin_measures[k])
+        if checkpoints is not None:
+            checkpoints.save(b + 1, carry, arrays)
+        progress.update(b + 1, error=float(np.nanmean(arrays["error"][:, b])))
     return OnlineResult(
         error=arrays["error"],
         dead_fraction=arrays["dead_fraction"],

@@ -1,5 +1,15 @@
-"""Experiments: typed configs, run directories, checkpoint and resume, the CLI."""
+"""Experiments: typed configs, run directories, checkpoint and resume, the CLI.
 
+Public run-directory API (a study in Python writes what ``nestlearn run`` writes):
+
+* :class:`RunDir`: ``config.json``, ``results/`` tables and arrays, ``figures/``, ``checkpoints/``
+  (``engine.Checkpoints``), finished parts and ``status.json``; created with resume/force semantics.
+* :func:`run_study`: runs ``run(config, rundir)`` for a frozen dataclass config, the contract of a
+  script experiment (``CONFIG``, ``QUICK``, ``run``) in ``experiments/``.
+* :func:`run_experiment`: the continual family (``CONFIG = ExperimentConfig(...)``).
+"""
+
+from nestlearn.experiment._cli import load_experiment
 from nestlearn.experiment._config import (
     DataConfig,
     ExperimentConfig,
@@ -12,26 +22,52 @@ from nestlearn.experiment._config import (
     to_dict,
     validate,
 )
-from nestlearn.experiment._run import RunOutput, build_learner, build_stream, run_experiment, write_figures
-from nestlearn.experiment._rundir import load_result, save_result, tidy_tables
+from nestlearn.experiment._run import (
+    RunOutput,
+    build_learner,
+    build_stream,
+    representative,
+    run_experiment,
+    swept_key,
+    write_figures,
+)
+from nestlearn.experiment._rundir import (
+    RunDir,
+    atomic_write,
+    load_result,
+    save_result,
+    tidy_tables,
+    write_json,
+    write_tables,
+)
+from nestlearn.experiment._study import quick_config, run_study
 
 __all__ = [
     "DataConfig",
     "ExperimentConfig",
     "ModelConfig",
     "OptimConfig",
+    "RunDir",
     "RunOutput",
     "SweepConfig",
     "TrainSpec",
+    "atomic_write",
     "build_learner",
     "build_stream",
     "from_dict",
+    "load_experiment",
     "load_result",
     "override",
+    "quick_config",
+    "representative",
     "run_experiment",
+    "run_study",
     "save_result",
+    "swept_key",
     "tidy_tables",
     "to_dict",
     "validate",
     "write_figures",
+    "write_json",
+    "write_tables",
 ]

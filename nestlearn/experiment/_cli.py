@@ -1,12 +1,15 @@
-"""The ``nestlearn`` command line: ``nestlearn run EXPERIMENT [--set key=value ...] [--out DIR] [--quick]``."""
+"""The ``nestlearn`` command line:
+``nestlearn run EXPERIMENT [--set key=value ...] [--out DIR] [--quick] [--resume | --force]``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from nestlearn._errors import ConfigError, NestlearnError
 from nestlearn.experiment._config import ExperimentConfig, override
@@ -26,12 +29,15 @@ def load_experiment(name: str) -> tuple[str, ModuleType]:
         if path.is_file():
             spec = importlib.util.spec_from_file_location(f"nestlearn_experiment_{path.stem}", path)
             module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses and get_type_hints look their module up there
             spec.loader.exec_module(module)
-            if not isinstance(getattr(module, "CONFIG", None), ExperimentConfig) and not callable(
-                getattr(module, "run", None)
+            config = getattr(module, "CONFIG", None)
+            if not isinstance(config, ExperimentConfig) and not (
+                dataclasses.is_dataclass(config) and callable(getattr(module, "run", None))
             ):
                 raise ConfigError(
-                    f"experiment file {path} defines neither CONFIG = ExperimentConfig(...) nor run(out, quick=...)"
+                    f"experiment file {path} defines neither CONFIG = ExperimentConfig(...) nor a dataclass "
+                    "CONFIG with run(config, rundir)"
                 )
             return path.stem, module
     known = sorted(
@@ -46,7 +52,7 @@ def load_experiment(name: str) -> tuple[str, ModuleType]:
     raise ConfigError(f"unknown experiment {name!r}; known: {', '.join(known) or 'none'}")
 
 
-def resolve(module: ModuleType, assignments: list[str], *, quick: bool) -> ExperimentConfig:
+def resolve(module: ModuleType, assignments: list[str], *, quick: bool) -> Any:
     """The experiment's config, shrunk by its ``QUICK`` overrides if asked, then the user's ``--set``s."""
     config = module.CONFIG
     if quick:
@@ -90,35 +96,21 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         name, module = load_experiment(args.experiment)
         out = args.out or Path("runs") / (name + ("-quick" if args.quick else ""))
-        if not isinstance(getattr(module, "CONFIG", None), ExperimentConfig):
-            return _run_custom(name, module, out, args)
         config = resolve(module, args.sets, quick=args.quick)
-        from nestlearn.experiment._run import run_experiment
+        modes = {"quick": args.quick, "resume": args.resume, "force": args.force}
+        if isinstance(config, ExperimentConfig):
+            from nestlearn.experiment._run import run_experiment
 
-        output = run_experiment(config, out, experiment=name, resume=args.resume, force=args.force)
+            directory = run_experiment(config, out, experiment=name, **modes).directory
+        else:
+            from nestlearn.experiment._study import run_study
+
+            directory = run_study(module.run, config, out, experiment=name, **modes).path
     except NestlearnError as e:
         print(f"nestlearn: error: {e}", file=sys.stderr)
         return 2
-    print(f"results: {output.directory / 'results'}")
-    print(f"figures: {output.directory / 'figures'}")
-    return 0
-
-
-def _run_custom(name: str, module: ModuleType, out: Path, args: argparse.Namespace) -> int:
-    """An experiment that is a ``run(out, quick=...)`` function (its own loop, e.g. online regression)."""
-    if args.sets:
-        raise ConfigError(f"experiment {name!r} is a script: it takes no --set")
-    if args.resume and not getattr(module, "RESUMABLE", False):
-        raise ConfigError(f"experiment {name!r} is a script without resume: it takes no --resume")
-    if out.exists() and any(out.iterdir()) and not args.resume:
-        if not args.force:
-            raise ConfigError(f"output directory {out} already exists; pass --force to replace it")
-        import shutil
-
-        shutil.rmtree(out)
-    module.run(out, quick=args.quick, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print(f"results: {out / 'results'}")
-    print(f"figures: {out / 'figures'}")
+    print(f"results: {directory / 'results'}")
+    print(f"figures: {directory / 'figures'}")
     return 0
 
 

@@ -8,8 +8,6 @@ last finished task and ends with results identical to an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +23,7 @@ from nestlearn._errors import ConfigError
 from nestlearn.continual import Learner, Recorder, StreamResult, TrainConfig
 from nestlearn.continual._engine import task_progress
 from nestlearn.experiment import _rundir
-from nestlearn.experiment._config import ExperimentConfig, from_dict, to_dict, validate
+from nestlearn.experiment._config import ExperimentConfig, validate
 
 STRATEGIES: dict[str, Callable[[], continual.Strategy]] = {"naive": continual.Naive, "joint": continual.Joint}
 
@@ -100,45 +98,6 @@ class RunOutput:
     figures: list[Path]
 
 
-def prepare_directory(
-    out: Path, config: ExperimentConfig, experiment: str, *, resume: bool, force: bool
-) -> None:
-    """Checks the output directory against ``--resume`` / ``--force`` before anything is written."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output path {out} exists and is not a directory")
-    if resume:
-        cfg_file = out / "config.json"
-        if not cfg_file.exists():
-            raise ConfigError(f"--resume: {cfg_file} not found; nothing to resume in {out}")
-        try:
-            stored = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--resume: {cfg_file} is not valid JSON ({e})") from None
-        stored_cfg = from_dict(ExperimentConfig, stored.get("config", {}))
-        if stored_cfg != config:
-            now, then = to_dict(config), to_dict(stored_cfg)
-            diff = _differences(now, then)
-            raise ConfigError(f"--resume: the config differs from the stored run in {out}: {', '.join(diff)}")
-        return
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise ConfigError(
-                f"output directory {out} already exists; pass --resume to continue it or --force to replace it"
-            )
-        shutil.rmtree(out)
-
-
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in a:
-        if isinstance(a[k], dict):
-            out += _differences(a[k], b.get(k, {}), prefix + k + ".")
-        elif a[k] != b.get(k):
-            out.append(f"{prefix}{k} ({b.get(k)!r} stored, {a[k]!r} now)")
-    return out
-
-
 def run_experiment(
     config: ExperimentConfig,
     out: Path,
@@ -149,28 +108,27 @@ def run_experiment(
     log: Callable[[str], None] | None = None,
     make_figures: bool = True,
     progress: bool | None = None,
+    quick: bool = False,
 ) -> RunOutput:
     """Runs every strategy of ``config`` for every seed and writes the run directory.
 
     Validates the config and loads the data before writing anything. With ``resume`` it continues from
     the last checkpoint of ``out``. ``progress`` shows a progress line with an ETA after every chunk
     (``None``: unless ``NESTLEARN_PROGRESS=0``); a line per finished task is logged either way.
+    ``quick`` marks the run directory as a quick run (see :class:`RunDir`).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     config = validate(config)
     stream = build_stream(config)
-    prepare_directory(out, config, experiment, resume=resume, force=force)
-    out = Path(out)
+    rundir = _rundir.RunDir.create(
+        out, config, experiment=experiment, quick=quick, resume=resume, force=force
+    )
+    out = rundir.path
     seeds = list(range(config.first_seed, config.first_seed + config.seeds))
-    if not resume or not (out / "config.json").exists():
-        _rundir.write_json(
-            out / "config.json",
-            {"experiment": experiment, "config": to_dict(config), "versions": _versions()},
-        )
     n_tasks = stream.n_tasks
     total_units = n_tasks * len(config.strategies)
     results: dict[str, StreamResult] = {}
-    with engine.Checkpoints(out / "checkpoints", keep=2) as manager:
+    with rundir.checkpoints() as manager:
         latest = manager.latest() if resume else None
         start = time.perf_counter()
         units_run = 0
@@ -217,10 +175,9 @@ def run_experiment(
             results[name] = recorder.result()
             _rundir.save_result(result_file, results[name])
         manager.wait()
-    tables = _rundir.tidy_tables(results)
-    table_paths = dict(zip(tables, _rundir.write_tables(out / "results", tables)))
-    figures = write_figures(out / "figures", results) if make_figures else []
-    _rundir.write_json(out / "status.json", {"complete": True, "strategies": list(results)})
+    table_paths = rundir.write_tidy_tables(results)
+    figures = write_figures(rundir.figures, results) if make_figures else []
+    rundir.mark_complete(strategies=list(results))
     for name, r in results.items():
         ok = ~r.diverged
         if ok.any():
@@ -298,9 +255,3 @@ def write_figures(directory: Path, results: dict[str, StreamResult]) -> list[Pat
             paths += plot.save_figure(fig, directory / "stability_plasticity")
             plt.close(fig)
     return paths
-
-
-def _versions() -> dict[str, str]:
-    import flax
-
-    return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}

@@ -142,3 +142,243 @@ def write_tables(directory: Path, tables: dict[str, pd.DataFrame]) -> list[Path]
     return [
         atomic_write(Path(directory) / f"{name}.csv", df.to_csv(index=False)) for name, df in tables.items()
     ]
+
+
+def _differences(now: dict, then: dict, prefix: str = "") -> list[str]:
+    """``key (stored, now)`` for every leaf where two nested config dicts differ."""
+    out = []
+    for k in sorted(set(now) | set(then)):
+        a, b = now.get(k), then.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, prefix + k + ".")
+        elif a != b:
+            out.append(f"{prefix}{k} ({b!r} stored, {a!r} now)")
+    return out
+
+
+def _jsonable(config: Any) -> dict[str, Any]:
+    """A config as JSON reads it back (tuples become lists), so stored and fresh configs compare equal."""
+    from nestlearn.experiment._config import to_dict
+
+    return json.loads(json.dumps(to_dict(config)))
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that produce results, stored with every run."""
+    import flax
+    import jax
+    import optax
+
+    return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
+
+
+class RunDir:
+    """A run directory, the one layout every run writes, from the CLI or from a study in Python.
+
+    Layout::
+
+        config.json        {"experiment", "config" (the resolved typed config), "quick", "versions"}
+        results/           tables (CSV), arrays (.npz) and stream results, all written atomically
+        figures/           PDF and PNG figures
+        checkpoints/       Orbax checkpoints (engine.Checkpoints), one sub-folder per part if wanted
+        status.json        {"complete", "quick", "parts" (finished parts), ...}
+
+    A run that is not complete can be continued with ``resume=True``: the stored config must equal the
+    given one (differences are named), finished parts (:meth:`done`) are skipped by the code that
+    checks them, and :meth:`checkpoints` resumes within a part. ``paper/make_figures.py`` reads only
+    complete runs, and refuses a run marked ``quick`` unless told ``--allow-quick``.
+
+    Args:
+      path: the directory.
+
+    Example:
+      >>> import dataclasses, tempfile, pandas as pd
+      >>> @dataclasses.dataclass(frozen=True)
+      ... class Config:
+      ...     lr: float = 0.1
+      >>> rd = RunDir.create(tempfile.mkdtemp() + "/run", Config(), experiment="mine")
+      >>> _ = rd.write_table("losses", pd.DataFrame({"step": [1, 2], "loss": [0.5, 0.25]}))
+      >>> rd.mark_done("losses")
+      >>> _ = rd.mark_complete()
+      >>> RunDir(rd.path).complete, rd.read_table("losses")["loss"].tolist()
+      (True, [0.5, 0.25])
+    """
+
+    def __init__(self, path: str | Path, *, log: Any = None) -> None:
+        self.path = Path(path)
+        self._log = log
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        config: Any,
+        *,
+        experiment: str = "experiment",
+        quick: bool = False,
+        resume: bool = False,
+        force: bool = False,
+        log: Any = None,
+    ) -> RunDir:
+        """Checks ``path`` against ``resume`` / ``force``, then writes ``config.json`` (a new run).
+
+        Args:
+          path: the run directory.
+          config: the run's typed frozen dataclass config (stored resolved, checked again on resume).
+          experiment: the experiment's name, stored with the config.
+          quick: the run is a shrunk, quick version (stored; paper figures refuse it by default).
+          resume: continue the run in ``path``; its stored config must equal ``config``.
+          force: replace an existing ``path`` (without it an existing, non-empty one is an error).
+          log: where :meth:`log` messages go (default: stderr).
+
+        Raises:
+          ConfigError: naming the problem; nothing has been written then.
+        """
+        from nestlearn._errors import ConfigError
+        from nestlearn.experiment._config import from_dict
+
+        rd = cls(path, log=log)
+        out = rd.path
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output path {out} exists and is not a directory")
+        if resume:
+            cfg_file = out / "config.json"
+            if not cfg_file.exists():
+                raise ConfigError(f"--resume: {cfg_file} not found; nothing to resume in {out}")
+            try:
+                stored = json.loads(cfg_file.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--resume: {cfg_file} is not valid JSON ({e})") from None
+            stored_cfg = from_dict(type(config), stored.get("config", {}))
+            if stored_cfg != config:
+                diff = _differences(_jsonable(config), _jsonable(stored_cfg))
+                raise ConfigError(
+                    f"--resume: the config differs from the stored run in {out}: {', '.join(diff)}"
+                )
+            if bool(stored.get("quick", False)) != quick:
+                raise ConfigError(
+                    f"--resume: the run in {out} was {'' if stored.get('quick') else 'not '}a --quick run"
+                )
+            return rd
+        if out.exists() and any(out.iterdir()):
+            if not force:
+                raise ConfigError(
+                    f"output directory {out} already exists; pass --resume to continue it or --force to replace it"
+                )
+            import shutil
+
+            shutil.rmtree(out)
+        rd.write_json(
+            "config.json",
+            {"experiment": experiment, "config": _jsonable(config), "quick": quick, "versions": versions()},
+        )
+        return rd
+
+    # -- what is stored ------------------------------------------------------------------------------
+    @property
+    def results(self) -> Path:
+        """The ``results/`` folder."""
+        return self.path / "results"
+
+    @property
+    def figures(self) -> Path:
+        """The ``figures/`` folder."""
+        return self.path / "figures"
+
+    def read_json(self, name: str) -> dict[str, Any]:
+        """A JSON file of the directory (``{}`` if it does not exist)."""
+        file = self.path / name
+        return json.loads(file.read_text()) if file.exists() else {}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The stored config, as a dict (rebuild a typed one with :func:`from_dict`)."""
+        return self.read_json("config.json").get("config", {})
+
+    @property
+    def experiment(self) -> str | None:
+        return self.read_json("config.json").get("experiment")
+
+    @property
+    def quick(self) -> bool:
+        """Whether the run is a ``--quick`` run (from ``config.json``, else ``status.json``)."""
+        stored = self.read_json("config.json")
+        return bool(
+            stored["quick"] if "quick" in stored else self.read_json("status.json").get("quick", False)
+        )
+
+    @property
+    def complete(self) -> bool:
+        """Whether the run finished (:meth:`mark_complete` was called)."""
+        return bool(self.read_json("status.json").get("complete", False))
+
+    # -- writing ---------------------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        """A progress message (to stderr unless the directory was opened with another ``log``)."""
+        if self._log is not None:
+            self._log(message)
+        else:
+            import sys
+
+            print(message, file=sys.stderr, flush=True)
+
+    def write_json(self, name: str, data: Any) -> Path:
+        """Writes ``name`` (relative to the directory) as JSON, atomically."""
+        return write_json(self.path / name, data)
+
+    def write_table(self, name: str, frame: pd.DataFrame) -> Path:
+        """Writes ``results/<name>.csv`` atomically; :meth:`read_table` reads it back."""
+        return atomic_write(self.results / f"{name}.csv", frame.to_csv(index=False))
+
+    def read_table(self, name: str) -> pd.DataFrame:
+        return pd.read_csv(self.results / f"{name}.csv")
+
+    def write_arrays(self, name: str, arrays: dict[str, Any]) -> Path:
+        """Writes ``results/<name>.npz`` (named numpy arrays) atomically."""
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        return atomic_write(self.results / f"{name}.npz", lambda f: np.savez(f, **arrays), mode="wb")
+
+    def read_arrays(self, name: str) -> dict[str, np.ndarray]:
+        with np.load(self.results / f"{name}.npz") as z:
+            return {k: z[k] for k in z.files}
+
+    def save_result(self, name: str, result: StreamResult) -> Path:
+        """Writes a stream result as ``results/<name>.npz`` (:func:`save_result`)."""
+        return save_result(self.results / f"{name}.npz", result)
+
+    def load_result(self, name: str) -> StreamResult:
+        return load_result(self.results / f"{name}.npz")
+
+    def write_tidy_tables(self, results: dict[str, StreamResult]) -> dict[str, Path]:
+        """Writes :func:`tidy_tables` of stream results (accuracy_matrix, curves, summary) to ``results/``."""
+        tables = tidy_tables(results)
+        return dict(zip(tables, write_tables(self.results, tables)))
+
+    def checkpoints(self, part: str = "", *, keep: int = 2):
+        """An :class:`nestlearn.engine.Checkpoints` under ``checkpoints/`` (``checkpoints/<part>``).
+
+        Use it as a context manager; ``latest()`` is ``None`` in a fresh run and the last saved chunk in
+        a resumed one.
+        """
+        from nestlearn import engine
+
+        return engine.Checkpoints(
+            self.path / "checkpoints" / part if part else self.path / "checkpoints", keep=keep
+        )
+
+    # -- progress --------------------------------------------------------------------------------------
+    def done(self, part: str) -> bool:
+        """Whether ``part`` was marked finished (:meth:`mark_done`): a resumed run skips it."""
+        return part in self.read_json("status.json").get("parts", [])
+
+    def mark_done(self, part: str) -> None:
+        """Records that ``part`` finished; write its results first, so a kill between the two only redoes it."""
+        status = self.read_json("status.json")
+        parts = status.get("parts", [])
+        if part not in parts:
+            self.write_json("status.json", {**status, "parts": [*parts, part], "complete": False})
+
+    def mark_complete(self, **info: Any) -> Path:
+        """Marks the run finished (``status.json``: ``complete``, ``quick``, finished parts, ``info``)."""
+        status = self.read_json("status.json")
+        return self.write_json("status.json", {**status, **info, "complete": True, "quick": self.quick})
