@@ -1,7 +1,8 @@
 """Loss of plasticity on slowly-changing regression: backprop against continual backprop and
 shrink-and-perturb (Dohare et al. 2024), notebook 03's first figure.
 
-Command:  nestlearn run loss_of_plasticity          (--quick: 40,000 steps, 2 seeds)
+Command:  nestlearn run loss_of_plasticity [--set steps=N --set seeds=0,1 --set bin=N] [--quick]
+          [--resume]                                 (--quick: 40,000 steps, 2 seeds, 4,000-step bins)
 Runtime:  about 6 minutes on 2 CPU cores; --quick about 30 seconds.
 Produces: results/online_regression.npz (online squared error, dead-unit fraction and weight magnitude
           per 10,000-step bin, per method and seed), results/online_regression.csv (the same, tidy),
@@ -11,15 +12,18 @@ Setup:    20 input bits, 15 flipping (one flips every 5,000 steps), 5 fresh rand
           one example per step, 500,000 steps, seeds 0-4 (the paper runs millions of steps in 20,000-step
           bins). Continual backprop: replacement rate 1e-4, decay 0.99, maturity 100; shrink-and-perturb:
           shrink 0.999 and noise 0.01 every 10 steps.
+Resume:   exact, at bin boundaries: every method checkpoints its carry and measures after each bin
+          (checkpoints/<method>/), and --resume continues from the last one.
 """
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from nestlearn import continual, tasks
-from nestlearn.experiment._rundir import atomic_write, write_json
+from nestlearn import ConfigError, continual, tasks
+from nestlearn.experiment import RunDir
 
 METHODS = {
     "backprop": None,
@@ -28,37 +32,59 @@ METHODS = {
 }
 
 
-def run(out: Path, *, quick: bool = False, log=print, scale: tuple | None = None) -> None:
-    """Runs the three methods and writes the run directory; ``scale = (steps, seeds, bin)`` overrides."""
-    steps, seeds, bin_ = (40_000, (0, 1), 4_000) if quick else (500_000, (0, 1, 2, 3, 4), 10_000)
-    if scale is not None:
-        steps, seeds, bin_ = scale
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Steps per seed, the seeds, and steps per bin (a bin is one compiled call and one checkpoint)."""
+
+    steps: int = 500_000
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    bin: int = 10_000
+
+    def validate(self) -> None:
+        if self.bin <= 0 or self.steps <= 0 or self.steps % self.bin:
+            raise ConfigError(f"steps ({self.steps}) must be a positive multiple of bin ({self.bin})")
+        if not self.seeds:
+            raise ConfigError("seeds must name at least one seed")
+
+
+CONFIG = Config()
+QUICK = ["steps=40000", "seeds=0,1", "bin=4000"]
+
+
+def run(config: Config, rundir: RunDir) -> None:
+    """Runs the three methods; each checkpoints after every bin, so a killed run resumes at a bin."""
     problem = tasks.SlowlyChangingRegression(flip_every=5_000, flip="one")
     arrays, rows = {}, []
     for name, strategy in METHODS.items():
-        r = continual.run_online_regression(
-            problem, strategy, hidden=5, lr=0.01, steps=steps, seeds=seeds, bin=bin_
+        with rundir.checkpoints(name) as checkpoints:
+            if checkpoints.latest() is not None:
+                rundir.log(f"[{name}] resuming after bin {checkpoints.latest()}/{config.steps // config.bin}")
+            r = continual.run_online_regression(
+                problem, strategy, hidden=5, lr=0.01, steps=config.steps, seeds=config.seeds, bin=config.bin,
+                checkpoints=checkpoints,
+            )  # fmt: skip
+        rundir.log(
+            f"[{name}] error first bin {r.error[:, 0].mean():.3f}, last bin {r.error[:, -1].mean():.3f}"
         )
-        log(f"[{name}] error first bin {r.error[:, 0].mean():.3f}, last bin {r.error[:, -1].mean():.3f}")
         for key in ("error", "dead_fraction", "weight_magnitude"):
             arrays[f"{name}/{key}"] = getattr(r, key)
         arrays["bin_end"] = r.bin_end
-        for s, seed in enumerate(seeds):
+        for s, seed in enumerate(config.seeds):
             for b, end in enumerate(r.bin_end):
                 rows.append({"method": name, "seed": seed, "bin_end": int(end), "error": float(r.error[s, b]),
                              "dead_fraction": float(r.dead_fraction[s, b]),
                              "weight_magnitude": float(r.weight_magnitude[s, b])})  # fmt: skip
-    atomic_write(out / "results" / "online_regression.npz", lambda f: np.savez(f, **arrays), mode="wb")
-    atomic_write(out / "results" / "online_regression.csv", pd.DataFrame(rows).to_csv(index=False))
+    rundir.write_arrays("online_regression", arrays)
+    rundir.write_table("online_regression", pd.DataFrame(rows))
     import matplotlib.pyplot as plt
 
     from nestlearn import plot
 
     with plot.style():
-        fig = figure(out / "results" / "online_regression.npz")
-        plot.save_figure(fig, out / "figures" / "loss_of_plasticity")
+        fig = figure(rundir.results / "online_regression.npz")
+        plot.save_figure(fig, rundir.figures / "loss_of_plasticity")
         plt.close(fig)
-    write_json(out / "status.json", {"complete": True, "methods": list(METHODS)})
+    rundir.mark_complete(methods=list(METHODS))
 
 
 def figure(npz: Path):

@@ -1,7 +1,8 @@
 """A meta-learned initialisation at the start of a continual stream: does it learn faster, does it
 forget less than a random or a pre-trained start? Notebook 04's last figure.
 
-Command:  nestlearn run maml_continual              (--quick: 100 meta-iterations, 2 seeds)
+Command:  nestlearn run maml_continual [--set n_iters=N --set seeds=0,1] [--quick] [--resume]
+                                                    (--quick: 100 meta-iterations, 2 seeds)
 Runtime:  about 4 minutes on 2 CPU cores; --quick about 1 minute.
 Produces: results/{random,pretrained,maml}.npz (the stream results of each start, loadable with
           nestlearn.experiment.load_result), results/summary.csv (every metrics.summary value per start
@@ -20,20 +21,24 @@ Setup:    Starts, for an MLP 784-256-256-2 (one 2-unit head):
           evaluated every 10 steps, seeds 0-4 (seed s meta-trains and pre-trains from seed s's model).
           Digits 0-4, all of their images, were seen while meta-training and pre-training, by both
           learned starts alike; digits 5-9 (tasks 3-5) were not.
+Resume:   by part: each learned start is checkpointed once trained (checkpoints/start_<name>/), and each
+          start's finished stream (results/<name>.npz) is kept.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pandas as pd
 from flax import nnx
 
-from nestlearn import continual, meta, metrics, nn, tasks
-from nestlearn.experiment._rundir import atomic_write, load_result, save_result, write_json
+from nestlearn import ConfigError, continual, meta, metrics, nn, tasks
+from nestlearn.experiment import RunDir, load_result
 
 STARTS = ("random", "pretrained", "maml")
 LABELS = {"random": "random start", "pretrained": "pre-trained start", "maml": "MAML start"}
@@ -43,8 +48,29 @@ def model(rngs: nnx.Rngs) -> nn.MLP:
     return nn.MLP(784, (256, 256), 2, rngs=rngs)
 
 
-def learned_starts(seeds, n_iters: int, log) -> dict[str, object]:
-    """MAML and pre-trained parameters per seed (stacked), meta-trained on 2-way tasks of digits 0-4."""
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Meta-iterations of the learned starts, and the seeds (seed s meta-trains from seed s's model)."""
+
+    n_iters: int = 500
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+
+    def validate(self) -> None:
+        if self.n_iters <= 0:
+            raise ConfigError(f"n_iters must be positive, got {self.n_iters}")
+        if not self.seeds:
+            raise ConfigError("seeds must name at least one seed")
+
+
+CONFIG = Config()
+QUICK = ["n_iters=100", "seeds=0,1"]
+
+
+def learned_starts(seeds, n_iters: int, rundir: RunDir) -> dict[str, object]:
+    """MAML and pre-trained parameters per seed (stacked), meta-trained on 2-way tasks of digits 0-4.
+
+    Each start is checkpointed (``checkpoints/start_<name>``) once learned, and read back on resume.
+    """
     family, _ = tasks.few_shot_mnist(n_way=2, k_shot=5, k_query=15, meta_test_classes=(5, 6, 7, 8, 9))
     k_model = [jax.random.split(jax.random.PRNGKey(s))[0] for s in seeds]  # the engine's model key
     params = jax.tree.map(lambda *p: jnp.stack(p), *[nnx.split(model(nnx.Rngs(k)))[1] for k in k_model])
@@ -54,25 +80,30 @@ def learned_starts(seeds, n_iters: int, log) -> dict[str, object]:
     starts = {}
     for name, steps in (("maml", 5), ("pretrained", 0)):
         learner = meta.MAML(loss, optax.sgd(0.1), steps=steps)
-        trainer = meta.MetaTrainer(
-            learner, optax.adam(1e-3), lambda key: family.sample(key, 8), n_iters=n_iters
-        )
-        state, m = trainer.run_seeds(jax.vmap(trainer.init)(params), keys)
-        log(
-            f"[{name}] meta-training query loss {float(m['loss_post'][:, :50].mean()):.3f} -> "
-            f"{float(m['loss_post'][:, -50:].mean()):.3f} (after {steps} inner steps)"
-        )
-        starts[name] = jax.vmap(learner.params)(state.meta_params)
+        with rundir.checkpoints(f"start_{name}", keep=1) as checkpoints:
+            if checkpoints.latest() is not None:
+                abstract = jax.eval_shape(lambda lr=learner: jax.vmap(lr.params)(jax.vmap(lr.init)(params)))
+                starts[name] = checkpoints.restore(checkpoints.latest(), abstract, {"n_iters": np.zeros(())})[
+                    0
+                ]
+                rundir.log(f"[{name}] start already learned, restored from checkpoints/start_{name}")
+                continue
+            trainer = meta.MetaTrainer(
+                learner, optax.adam(1e-3), lambda key: family.sample(key, 8), n_iters=n_iters
+            )
+            state, m = trainer.run_seeds(jax.vmap(trainer.init)(params), keys)
+            rundir.log(
+                f"[{name}] meta-training query loss {float(m['loss_post'][:, :50].mean()):.3f} -> "
+                f"{float(m['loss_post'][:, -50:].mean()):.3f} (after {steps} inner steps)"
+            )
+            starts[name] = jax.vmap(learner.params)(state.meta_params)
+            checkpoints.save(n_iters, starts[name], {"n_iters": np.asarray(float(n_iters))})
     return starts
 
 
-def run(out: Path, *, quick: bool = False, log=print, scale: tuple | None = None) -> None:
-    """Learns the two starts, runs the stream from all three; ``scale = (n_iters, seeds)`` overrides."""
-    n_iters, seeds = (100, (0, 1)) if quick else (500, (0, 1, 2, 3, 4))
-    if scale is not None:
-        n_iters, seeds = scale
-    seeds = list(seeds)
-    starts = learned_starts(seeds, n_iters, log)
+def run(config: Config, rundir: RunDir) -> None:
+    """Learns the two starts, runs the stream from all three; a finished start's stream is kept on resume."""
+    seeds = list(config.seeds)
     stream = tasks.split_mnist("domain")
     learner = continual.Learner(
         model,
@@ -80,22 +111,30 @@ def run(out: Path, *, quick: bool = False, log=print, scale: tuple | None = None
         continual.Naive(),
         continual.TrainConfig(steps_per_task=50, batch_size=32, eval_every=10),
     )
+    starts = None
     rows = []
     for name in STARTS:
-        result = learner.run(stream, seeds, init_params=starts.get(name))
-        save_result(out / "results" / f"{name}.npz", result)
+        if rundir.done(name):
+            result = rundir.load_result(name)
+            rundir.log(f"[{name}] already finished, loaded results/{name}.npz")
+        else:
+            if starts is None and name != "random":
+                starts = learned_starts(seeds, config.n_iters, rundir)
+            result = learner.run(stream, seeds, init_params=None if name == "random" else starts[name])
+            rundir.save_result(name, result)
+            rundir.mark_done(name)
         table = metrics.summary(result.acc_matrix, result.acc_init)
         for s, seed in enumerate(seeds):
             rows.append({"start": name, "seed": seed, "diverged": bool(result.diverged[s]),
                          **{k: float(v[s]) for k, v in table.items()}})  # fmt: skip
         ok = ~result.diverged
-        log(
+        rundir.log(
             f"[{name}] ACC {table['average_accuracy'][ok].mean():.3f}, learning accuracy "
             f"{table['learning_accuracy'][ok].mean():.3f}, forgetting {table['forgetting'][ok].mean():.3f}"
         )
-    atomic_write(out / "results" / "summary.csv", pd.DataFrame(rows).to_csv(index=False))
-    figures(out)
-    write_json(out / "status.json", {"complete": True, "starts": list(STARTS)})
+    rundir.write_table("summary", pd.DataFrame(rows))
+    figures(rundir.path)
+    rundir.mark_complete(starts=list(STARTS))
 
 
 def figures(out: Path) -> None:

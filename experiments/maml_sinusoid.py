@@ -1,7 +1,9 @@
 """MAML on sinusoid regression, reproduced with the paper's setup, beside first-order MAML, Reptile,
 Meta-SGD and a pre-trained baseline: notebook 04's adaptation curves.
 
-Command:  nestlearn run maml_sinusoid              (--quick: 1,000 meta-iterations, 2 seeds)
+Command:  nestlearn run maml_sinusoid [--set n_iters=N --set chunk=N --set seeds=0,1
+          --set runs=maml/k10,pretrained/k10] [--quick] [--resume]
+                                                   (--quick: 1,000 meta-iterations, 2 seeds)
 Runtime:  about 10 minutes on 2 CPU cores; --quick about 1 minute.
 Produces: results/adaptation.csv (query MSE after 0..10 inner steps, per method, K and seed),
           results/adaptation.npz (the same as arrays, the meta-training loss curves, and the fits of
@@ -17,11 +19,15 @@ Setup:    Finn et al. 2017 (REFERENCES.md): amplitude U[0.1, 5], phase U[0, pi],
           trained on the query loss of the same tasks without an inner loop (MAML with 0 inner steps),
           then fine-tuned at test like MAML. MAML and Meta-SGD are also trained and tested with K = 5, the
           setting of Meta-SGD's published table (MAML 1.13 ± 0.18, Meta-SGD 0.90 ± 0.16 after one step).
+Resume:   a finished (method, K) is kept (results/parts/); meta-training resumes exactly at its last
+          chunk (checkpoints/<method>_k<K>/).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -30,20 +36,14 @@ import optax
 import pandas as pd
 from flax import nnx
 
-from nestlearn import meta, nn, tasks
-from nestlearn.experiment._rundir import atomic_write, write_json
+from nestlearn import ConfigError, meta, nn, tasks
+from nestlearn.experiment import RunDir
 
 META_BATCH, INNER_LR, TEST_TASKS, TEST_STEPS = 25, 0.01, 600, 10
-# (method, K): the methods of the figure at K = 10, and the two with a published number at K = 5.
-RUNS = [
-    ("maml", 10),
-    ("fomaml", 10),
-    ("reptile", 10),
-    ("metasgd", 10),
-    ("pretrained", 10),
-    ("maml", 5),
-    ("metasgd", 5),
-]
+# "method/kK": the methods of the figure at K = 10, and the two with a published number at K = 5.
+RunName = Literal[
+    "maml/k10", "fomaml/k10", "reptile/k10", "metasgd/k10", "pretrained/k10", "maml/k5", "metasgd/k5"
+]  # fmt: skip
 LABELS = {
     "maml": "MAML",
     "fomaml": "first-order MAML",
@@ -69,8 +69,33 @@ def make_learner(method: str, loss, n_iters: int):
     raise ValueError(f"unknown method {method!r}")
 
 
-def train(method: str, k: int, seeds, n_iters: int, chunk: int, log):
-    """Meta-trains every seed in one program; returns the learner, meta-parameters and loss curve."""
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Meta-iterations, iterations per compiled chunk (and checkpoint), seeds, and the (method, K) runs."""
+
+    n_iters: int = 20_000
+    chunk: int = 2_000
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    runs: tuple[RunName, ...] = ("maml/k10", "fomaml/k10", "reptile/k10", "metasgd/k10", "pretrained/k10",
+                                 "maml/k5", "metasgd/k5")  # fmt: skip
+
+    def validate(self) -> None:
+        if self.chunk <= 0 or self.n_iters <= 0 or self.n_iters % self.chunk:
+            raise ConfigError(f"n_iters ({self.n_iters}) must be a positive multiple of chunk ({self.chunk})")
+        if not self.seeds or not self.runs:
+            raise ConfigError("seeds and runs must each name at least one")
+
+
+CONFIG = Config()
+QUICK = ["n_iters=1000", "chunk=500", "seeds=0,1"]
+
+
+def train(method: str, k: int, seeds, n_iters: int, chunk: int, log, checkpoints=None):
+    """Meta-trains every seed in one program; returns the learner, meta-parameters and loss curve.
+
+    With ``checkpoints`` (an ``engine.Checkpoints``) the state and the loss curve so far are saved after
+    every chunk, and training continues from the latest checkpoint found there.
+    """
     models = [nn.MLP(1, (40, 40), 1, rngs=nnx.Rngs(s)) for s in seeds]
     apply, _ = meta.functional(models[0])
     params = jax.tree.map(lambda *p: jnp.stack(p), *[meta.functional(m)[1] for m in models])
@@ -79,73 +104,88 @@ def train(method: str, k: int, seeds, n_iters: int, chunk: int, log):
     trainer = meta.MetaTrainer(learner, outer, lambda key: family.sample(key, META_BATCH), n_iters=chunk)
     state = jax.vmap(trainer.init)(jax.vmap(learner.init)(params))
     keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds, jnp.uint32))
-    losses = []
-    for c in range(n_iters // chunk):
+    record = {"loss": np.full((len(seeds), n_iters), np.nan, np.float32)}
+    first = checkpoints.latest() if checkpoints is not None else None
+    if first is not None:
+        state, record = checkpoints.restore(first, jax.eval_shape(lambda: state), record)
+        record = {"loss": np.array(record["loss"])}
+        log(f"[{method} K={k}] resumed after {first * chunk}/{n_iters} meta-iterations")
+    for c in range(first or 0, n_iters // chunk):
         state, metrics = trainer.run_seeds(state, keys)
-        losses.append(np.asarray(metrics["loss_post"]))
+        record["loss"][:, c * chunk : (c + 1) * chunk] = np.asarray(metrics["loss_post"])
+        if checkpoints is not None:
+            checkpoints.save(c + 1, state, record)
+        done = record["loss"][:, : (c + 1) * chunk]
         log(
-            f"[{method} K={k}] {(c + 1) * chunk}/{n_iters}: post-adaptation query MSE {losses[-1][:, -200:].mean():.3f}"
+            f"[{method} K={k}] {(c + 1) * chunk}/{n_iters}: post-adaptation query MSE {done[:, -200:].mean():.3f}"
         )
-    return learner, state, np.concatenate(losses, axis=1)
+    return learner, state, record["loss"]
 
 
-def run(
-    out: Path, *, quick: bool = False, log=print, scale: tuple | None = None, runs: list | None = None
-) -> None:
-    """Trains and tests every (method, K) of ``runs`` (default :data:`RUNS`); ``scale = (n_iters, chunk,
-    seeds)`` overrides the size."""
-    runs = RUNS if runs is None else runs
-    n_iters, chunk, seeds = (1_000, 500, (0, 1)) if quick else (20_000, 2_000, (0, 1, 2, 3, 4))
-    if scale is not None:
-        n_iters, chunk, seeds = scale
-    rows, arrays = [], {"seeds": np.asarray(seeds)}
-    test_key = jax.random.PRNGKey(12345)  # held-out tasks: a key no training draw uses
-    for method, k in runs:
-        learner, state, loss_curve = train(method, k, seeds, n_iters, chunk, log)
-        family = tasks.Sinusoid(k_support=k, k_query=k)
-        test = family.sample(test_key, TEST_TASKS)
-        mse = np.asarray(
-            jax.jit(jax.vmap(lambda mp, lr=learner, t=test: lr.evaluate(mp, t, TEST_STEPS)))(
-                state.meta_params
-            )
+def run_part(method: str, k: int, config: Config, rundir: RunDir) -> dict[str, np.ndarray]:
+    """Trains and tests one (method, K) over the seeds: its arrays, keyed as in adaptation.npz."""
+    seeds = config.seeds
+    with rundir.checkpoints(f"{method}_k{k}") as checkpoints:
+        learner, state, loss_curve = train(
+            method, k, seeds, config.n_iters, config.chunk, rundir.log, checkpoints
         )
-        diverged = np.asarray(state.diverged_step)
-        name = f"{method}/k{k}"
-        arrays[f"{name}/mse"], arrays[f"{name}/loss_curve"], arrays[f"{name}/diverged_step"] = (
-            mse,
-            loss_curve,
-            diverged,
+    family = tasks.Sinusoid(k_support=k, k_query=k)
+    test = family.sample(jax.random.PRNGKey(12345), TEST_TASKS)  # held-out tasks: a key no training draw uses
+    mse = np.asarray(
+        jax.jit(jax.vmap(lambda mp, lr=learner, t=test: lr.evaluate(mp, t, TEST_STEPS)))(state.meta_params)
+    )
+    diverged = np.asarray(state.diverged_step)
+    name = f"{method}/k{k}"
+    arrays = {f"{name}/mse": mse, f"{name}/loss_curve": loss_curve, f"{name}/diverged_step": diverged}
+    if k == 10:  # fits of three test tasks by seed 0's learner, for the figure
+        fam, xs = tasks.Sinusoid(k_support=10, k_query=10), jnp.linspace(-5, 5, 200)[:, None]
+        batch, sine = fam.sample_with_params(jax.random.PRNGKey(7), 3)
+        mp0 = jax.tree.map(lambda a: a[0], state.meta_params)
+        apply = meta.functional(nn.MLP(1, (40, 40), 1, rngs=nnx.Rngs(0)))[0]
+        for steps in (0, 1, 10):
+            fits = [apply(learner.adapt(mp0, batch.support_x[i], batch.support_y[i], steps), xs)[:, 0]
+                    for i in range(3)]  # fmt: skip
+            arrays[f"{name}/fit{steps}"] = np.stack([np.asarray(f) for f in fits])
+        arrays["fit/x"], arrays["fit/true"] = (
+            np.asarray(xs[:, 0]),
+            np.asarray(fam.function(sine, jnp.tile(xs[None, :, 0], (3, 1)))),
         )
-        for s, seed in enumerate(seeds):
+        arrays["fit/support_x"], arrays["fit/support_y"] = (
+            np.asarray(batch.support_x[..., 0]),
+            np.asarray(batch.support_y[..., 0]),
+        )
+    ok = diverged < 0
+    rundir.log(f"[{method} K={k}] test MSE after 1 step {mse[ok, 1].mean():.3f}, after 10 {mse[ok, 10].mean():.3f}"
+               + (f"; {int((~ok).sum())} seed(s) diverged" if (~ok).any() else ""))  # fmt: skip
+    return arrays
+
+
+def run(config: Config, rundir: RunDir) -> None:
+    """Trains and tests every (method, K) of ``config.runs``; a finished one is skipped on resume, and
+    meta-training resumes at its last chunk."""
+    rows, arrays = [], {"seeds": np.asarray(config.seeds)}
+    for run_name in config.runs:
+        method, k = run_name.split("/k")[0], int(run_name.split("/k")[1])
+        part = f"parts/{method}_k{k}"
+        if rundir.done(part):
+            rundir.log(f"[{method} K={k}] already finished, loaded results/{part}.npz")
+            part_arrays = rundir.read_arrays(part)
+        else:
+            part_arrays = run_part(method, k, config, rundir)
+            rundir.write_arrays(part, part_arrays)
+            rundir.mark_done(part)
+        arrays.update(part_arrays)
+        mse, diverged = part_arrays[f"{run_name}/mse"], part_arrays[f"{run_name}/diverged_step"]
+        for s, seed in enumerate(config.seeds):
             for steps in range(TEST_STEPS + 1):
                 rows.append({"method": method, "k": k, "seed": seed, "steps": steps, "mse": float(mse[s, steps]),
                              "diverged": bool(diverged[s] >= 0)})  # fmt: skip
-        if k == 10:  # fits of three test tasks by seed 0's learner, for the figure
-            fam, xs = tasks.Sinusoid(k_support=10, k_query=10), jnp.linspace(-5, 5, 200)[:, None]
-            batch, sine = fam.sample_with_params(jax.random.PRNGKey(7), 3)
-            mp0 = jax.tree.map(lambda a: a[0], state.meta_params)
-            apply = meta.functional(nn.MLP(1, (40, 40), 1, rngs=nnx.Rngs(0)))[0]
-            for steps in (0, 1, 10):
-                fits = [apply(learner.adapt(mp0, batch.support_x[i], batch.support_y[i], steps), xs)[:, 0]
-                        for i in range(3)]  # fmt: skip
-                arrays[f"{name}/fit{steps}"] = np.stack([np.asarray(f) for f in fits])
-            arrays["fit/x"], arrays["fit/true"] = (
-                np.asarray(xs[:, 0]),
-                np.asarray(fam.function(sine, jnp.tile(xs[None, :, 0], (3, 1)))),
-            )
-            arrays["fit/support_x"], arrays["fit/support_y"] = (
-                np.asarray(batch.support_x[..., 0]),
-                np.asarray(batch.support_y[..., 0]),
-            )
-        ok = diverged < 0
-        log(f"[{method} K={k}] test MSE after 1 step {mse[ok, 1].mean():.3f}, after 10 {mse[ok, 10].mean():.3f}"
-            + (f"; {int((~ok).sum())} seed(s) diverged" if (~ok).any() else ""))  # fmt: skip
     frame = pd.DataFrame(rows)
-    atomic_write(out / "results" / "adaptation.npz", lambda f: np.savez(f, **arrays), mode="wb")
-    atomic_write(out / "results" / "adaptation.csv", frame.to_csv(index=False))
-    atomic_write(out / "results" / "summary.csv", summary(frame).to_csv(index=False))
-    figures(out)
-    write_json(out / "status.json", {"complete": True, "runs": [f"{m}/k{k}" for m, k in runs]})
+    rundir.write_arrays("adaptation", arrays)
+    rundir.write_table("adaptation", frame)
+    rundir.write_table("summary", summary(frame))
+    figures(rundir.path)
+    rundir.mark_complete(runs=list(config.runs))
 
 
 def summary(frame: pd.DataFrame) -> pd.DataFrame:
@@ -187,6 +227,8 @@ def adaptation_figure(npz: Path):
     data = _load(npz)
     fig, ax = plt.subplots(figsize=(plot.SINGLE_COLUMN, 2.4))
     for method, label in LABELS.items():
+        if f"{method}/k10/mse" not in data:  # a run of fewer methods (--set runs=...)
+            continue
         mse, ok = data[f"{method}/k10/mse"], data[f"{method}/k10/diverged_step"] < 0
         mse = mse[ok]
         mean = mse.mean(0)

@@ -2,8 +2,8 @@
 additive memories), HOPE's CMS switched on and off, and the forgetting of one synthetic language when a
 second is learned. Issue 6's measured comparisons.
 
-Command:  nestlearn run memory_recall        (--quick: 2 seeds, one width, few steps; what CI and the
-          notebook run)
+Command:  nestlearn run memory_recall [--set steps=N --set widths=16,32 --set lengths=64,128 --set pairs=4,8
+          ...] [--quick] [--resume]    (--quick: 2 seeds, one width, few steps; what CI and the notebook run)
 Runtime:  about 60 minutes on 2 (shared) CPU cores; --quick about 10 minutes (mostly compilation).
 Produces: results/mqar.csv (per model, width, setting and seed: state size in floats, eval accuracy,
           diverged step), results/forgetting.csv (per model and seed: accuracy on reassigned and on
@@ -12,8 +12,9 @@ Produces: results/mqar.csv (per model, width, setting and seed: state size in fl
           B, the optimal accuracies), results/hope_languages*.csv (the HOPE variants' part of those),
           results/telemetry.csv (per model and chunk: the mixers' gate means, surprise, update norms,
           divergence), figures/mqar_state_size, figures/forgetting_mqar, figures/two_languages (pdf and
-          png), status.json. `nestlearn run memory_recall --resume --out DIR` continues a killed run,
-          skipping the parts already written.
+          png), status.json.
+Resume:   by part: `nestlearn run memory_recall --resume --out DIR` continues a killed run, skipping the
+          parts already finished (forgetting, hope_languages, languages, telemetry, mqar, mqar_attention_lr).
 Setup:    every model is a 2-layer SequenceModel (embedding, pre-norm blocks of mixer and MLP/CMS channel,
           head), 2 heads, memories with a short convolution and chunks of 16, trained with AdamW (lr 3e-3,
           weight decay 1e-4, optax's default) on the query cross-entropy, 128 query labels per batch
@@ -39,10 +40,10 @@ Setup:    every model is a 2-layer SequenceModel (embedding, pre-norm blocks of 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,10 +52,9 @@ import optax
 import pandas as pd
 from flax import nnx
 
-from nestlearn import nn, tasks
-from nestlearn.experiment._rundir import atomic_write, write_json
+from nestlearn import ConfigError, nn, tasks
+from nestlearn.experiment import RunDir
 
-RESUMABLE = True  # run() skips the parts whose tables are already in out/results
 VOCAB = 64
 BATCH = 32
 LR = 3e-3
@@ -62,19 +62,44 @@ SETTINGS = ((64, 4), (128, 8), (256, 16))
 HOPE_PERIODS = {"cms_off": None, "cms_1_1_1": (1, 1, 1), "cms_1_4_16": (1, 4, 16)}
 
 
-class Scale(NamedTuple):
-    seeds: tuple[int, ...]
-    widths: tuple[int, ...]
-    settings: tuple[tuple[int, int], ...]
-    steps: int  # training steps of every recall run
-    chunk: int
-    language_steps: int  # per language
-    eval_batches: int
-    telemetry_steps: int
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The sizes of every part. MQAR runs at the (length, pairs) settings ``zip(lengths, pairs)``."""
+
+    seeds: tuple[int, ...] = (0, 1)
+    widths: tuple[int, ...] = (16, 32)
+    lengths: tuple[int, ...] = tuple(length for length, _ in SETTINGS)
+    pairs: tuple[int, ...] = tuple(p for _, p in SETTINGS)
+    steps: int = 800  # training steps of every recall run
+    chunk: int = 100
+    language_steps: int = 300  # per language
+    eval_batches: int = 16
+    telemetry_steps: int = 100
+    attention_steps: int = 1500  # the Transformer at its own rate (AdamW 1e-3)
+
+    @property
+    def settings(self) -> tuple[tuple[int, int], ...]:
+        return tuple(zip(self.lengths, self.pairs))
+
+    def validate(self) -> None:
+        if len(self.lengths) != len(self.pairs) or not self.lengths:
+            raise ConfigError(f"lengths {self.lengths} and pairs {self.pairs} must be non-empty and pair up")
+        if not self.seeds or not self.widths:
+            raise ConfigError("seeds and widths must each name at least one")
+        for name in ("steps", "language_steps"):  # trained in chunks of `chunk`
+            if getattr(self, name) <= 0 or getattr(self, name) % self.chunk:
+                raise ConfigError(
+                    f"{name} ({getattr(self, name)}) must be a positive multiple of chunk ({self.chunk})"
+                )
+        if self.telemetry_steps <= 0 or self.telemetry_steps % 4:
+            raise ConfigError(f"telemetry_steps ({self.telemetry_steps}) must be a positive multiple of 4")
+        if self.attention_steps <= 0:
+            raise ConfigError(f"attention_steps must be positive, got {self.attention_steps}")
 
 
-FULL = Scale((0, 1), (16, 32), SETTINGS, 800, 100, 300, 16, 100)
-QUICK = Scale((0, 1), (32,), ((64, 4),), 100, 50, 50, 2, 40)
+CONFIG = Config()
+QUICK = ["widths=32", "lengths=64", "pairs=4", "steps=100", "chunk=50", "language_steps=50", "eval_batches=2",
+         "telemetry_steps=40", "attention_steps=100"]  # fmt: skip
 LABELS = 128  # query labels per training batch: batch = LABELS // pairs, so every setting costs the same
 CHUNK = 16  # memory chunk (a chunk of 64 costs about twice as much per token at these widths on CPU)
 
@@ -122,7 +147,7 @@ def _finite(values: np.ndarray, diverged: np.ndarray) -> list[float]:
 # -- 1. MQAR accuracy against state size ------------------------------------------------------------------
 
 
-def mqar_state_size(scale: Scale, log=print, partial: Callable | None = None) -> pd.DataFrame:
+def mqar_state_size(scale: Config, log=print, partial: Callable | None = None) -> pd.DataFrame:
     """Every model at every width on the first setting, at the largest width on the others.
 
     ``partial(frame)`` is called after every run with the rows so far (the caller saves them)."""
@@ -162,11 +187,11 @@ def _describe(values) -> str:
     return f"{ok.mean():.3f} ± {sem:.3f}" + (f" ({left} diverged, left out)" if left else "")
 
 
-def attention_at_its_rate(scale: Scale, log=print) -> pd.DataFrame:
+def attention_at_its_rate(scale: Config, log=print) -> pd.DataFrame:
     """The Transformer at AdamW 1e-3 for 1,500 steps, width 32, every setting (at the shared 3e-3 and 800
     steps some of its seeds stay on the plateau; Zoology tunes the rate per model)."""
     rows = []
-    steps = max(scale.steps, 1500) if scale is FULL else scale.steps
+    steps = scale.attention_steps
     for length, pairs in scale.settings:
         sample = functools.partial(tasks.mqar, batch=LABELS // pairs, length=length, pairs=pairs, vocab=VOCAB)
         trainer = nn.SeqTrainer(
@@ -200,7 +225,7 @@ def _split_accuracy(trainer: nn.SeqTrainer, params, sample, key, batches: int):
     return hit_r / n_r, hit_u / n_u
 
 
-def forgetting_mqar(scale: Scale, log=print) -> pd.DataFrame:
+def forgetting_mqar(scale: Config, log=print) -> pd.DataFrame:
     sample = functools.partial(
         tasks.forgetting_mqar, batch=BATCH, length=64, pairs=4, reassign=2, vocab=VOCAB
     )
@@ -231,7 +256,7 @@ def forgetting_mqar(scale: Scale, log=print) -> pd.DataFrame:
 # -- 3 and 4. two languages, and HOPE with the CMS on and off --------------------------------------------
 
 
-def two_languages(build: Callable, periods, scale: Scale, width: int = 32, seed_offset: int = 0):
+def two_languages(build: Callable, periods, scale: Config, width: int = 32, seed_offset: int = 0):
     """Train on language A, then B; accuracy on both after every chunk. Returns (curves, result dict)."""
     langs = tasks.two_languages(0, vocab=32, branching=2)
     samplers = [lambda k, lang=lang: langs.sample(k, lang, BATCH, 64) for lang in (0, 1)]
@@ -275,7 +300,7 @@ def two_languages(build: Callable, periods, scale: Scale, width: int = 32, seed_
     }
 
 
-def languages(scale: Scale, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
+def languages(scale: Config, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
     curve_rows, rows = [], []
     for name, (build, periods) in LANGUAGE_MODELS.items():
         curve, res = two_languages(build, periods, scale)
@@ -298,7 +323,7 @@ def _language_rows(name, scale, curve, res, curve_rows, rows, log) -> None:
         f"optimal {res['optimal_a']:.3f}/{res['optimal_b']:.3f}")  # fmt: skip
 
 
-def hope_ablation(scale: Scale, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
+def hope_ablation(scale: Config, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
     """HOPE with the CMS off, with periods (1, 1, 1) and with (1, 4, 16), on the two languages."""
     curve_rows, rows = [], []
     for variant, periods in HOPE_PERIODS.items():
@@ -308,7 +333,7 @@ def hope_ablation(scale: Scale, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.DataFrame(curve_rows), pd.DataFrame(rows)
 
 
-def telemetry(scale: Scale, log=print) -> pd.DataFrame:
+def telemetry(scale: Config, log=print) -> pd.DataFrame:
     """The memory mixers' statistics over training, MQAR at the first setting, width 32, first seed."""
     length, pairs = scale.settings[0]
     sample = functools.partial(tasks.mqar, batch=LABELS // pairs, length=length, pairs=pairs, vocab=VOCAB)
@@ -331,35 +356,40 @@ def telemetry(scale: Scale, log=print) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run(out: Path, *, quick: bool = False, log=print, scale: Scale | None = None) -> None:
-    scale = scale or (QUICK if quick else FULL)
-    results = out / "results"
-    done = lambda *names: all((results / f"{n}.csv").exists() for n in names)  # noqa: E731
-    save = lambda name, frame: atomic_write(results / f"{name}.csv", frame.to_csv(index=False))  # noqa: E731
-    # cheapest and most telling first; every part lands on disk as it finishes, and a rerun into the
-    # same directory (after a kill or a crash) skips the parts already there
-    if not done("forgetting"):
-        save("forgetting", forgetting_mqar(scale, log))
-    if not done("hope_languages", "hope_language_summary"):
+def run(config: Config, rundir: RunDir) -> None:
+    """Runs every part; a finished part (its tables on disk, marked done) is skipped on resume."""
+    scale, log, save = config, rundir.log, rundir.write_table
+
+    def part(name: str, make: Callable[[], None]) -> None:
+        if rundir.done(name):
+            log(f"[{name}] already finished, kept its tables")
+        else:
+            make()
+            rundir.mark_done(name)
+
+    def hope() -> None:
         hope_curves, hope_languages = hope_ablation(scale, log)
         save("hope_languages", hope_curves)
         save("hope_language_summary", hope_languages)
-    if not done("languages", "languages_summary"):
+
+    def both_languages() -> None:
         curves, summary = languages(scale, log)
-        hope_curves = pd.read_csv(results / "hope_languages.csv")
-        hope_languages = pd.read_csv(results / "hope_language_summary.csv")
-        save("languages", pd.concat([curves, hope_curves], ignore_index=True))
-        save("languages_summary", pd.concat([summary, hope_languages], ignore_index=True))
-    if not done("telemetry"):
-        save("telemetry", telemetry(scale, log))
-    if not done("mqar"):
-        save("mqar", mqar_state_size(scale, log, partial=lambda frame: save("mqar_partial", frame)))
-    if not done("mqar_attention_lr"):
-        save("mqar_attention_lr", attention_at_its_rate(scale, log))
-    figures(out)
-    write_json(
-        out / "status.json", {"complete": True, "quick": quick, "scale": scale._asdict(), "vocab": VOCAB}
-    )
+        save("languages", pd.concat([curves, rundir.read_table("hope_languages")], ignore_index=True))
+        save(
+            "languages_summary",
+            pd.concat([summary, rundir.read_table("hope_language_summary")], ignore_index=True),
+        )
+
+    # cheapest and most telling first; every part lands on disk as it finishes, and --resume skips the
+    # parts already done
+    part("forgetting", lambda: save("forgetting", forgetting_mqar(scale, log)))
+    part("hope_languages", hope)
+    part("languages", both_languages)
+    part("telemetry", lambda: save("telemetry", telemetry(scale, log)))
+    part("mqar", lambda: save("mqar", mqar_state_size(scale, log, partial=lambda f: save("mqar_partial", f))))
+    part("mqar_attention_lr", lambda: save("mqar_attention_lr", attention_at_its_rate(scale, log)))
+    figures(rundir.path)
+    rundir.mark_complete(vocab=VOCAB)
 
 
 def figures(out: Path) -> None:

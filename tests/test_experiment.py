@@ -1,6 +1,8 @@
 """The CLI and run directories: clear one-line errors that write nothing, tidy tables, exact resume."""
 
+import dataclasses
 import gzip
+import importlib.util
 import json
 import os
 import signal
@@ -11,11 +13,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import optax
 import pandas as pd
 import pytest
 
-from nestlearn import metrics
-from nestlearn.experiment import ExperimentConfig, from_dict, load_result, override, run_experiment
+from nestlearn import ConfigError, continual, metrics, nn, tasks
+from nestlearn.experiment import (
+    ExperimentConfig,
+    RunDir,
+    from_dict,
+    load_result,
+    override,
+    run_experiment,
+    run_study,
+)
 from nestlearn.experiment._cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,9 +236,177 @@ def test_a_sweep_of_a_strategy_not_run_is_refused(capsys):
     assert rc == 2 and "sweep.ewc is set but 'ewc' is not in strategies" in err[0]
 
 
-def test_script_experiments_refuse_overrides(capsys):
-    assert main(["run", "loss_of_plasticity", "--set", "seeds=3"]) == 2
-    assert "experiment 'loss_of_plasticity' is a script: it takes no --set" in capsys.readouterr().err
-    # --resume only for a script that declares it can (memory_recall skips the parts already written)
-    assert main(["run", "loss_of_plasticity", "--resume"]) == 2
-    assert "experiment 'loss_of_plasticity' is a script without resume" in capsys.readouterr().err
+SCRIPTS = ["loss_of_plasticity", "maml_sinusoid", "maml_continual", "memory_recall"]
+LOP_TINY = ["--set", "steps=200", "--set", "bin=100", "--set", "seeds=0"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_unknown_key_of_a_script_experiment_is_named_and_nothing_written(tmp_path, capsys, name):
+    out = tmp_path / "run"
+    assert main(["run", name, "--set", "no_such_key=1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nestlearn: error: unknown config key 'no_such_key'"), err
+    assert not out.exists()
+
+
+def test_set_and_quick_on_a_script_experiment_change_its_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    # --quick applies the experiment's QUICK overrides (bin 4000, seeds 0,1), then --set wins over them
+    assert main(["run", "loss_of_plasticity", "--quick", *LOP_TINY, "--out", str(out)]) == 0
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["experiment"] == "loss_of_plasticity" and stored["quick"] is True
+    assert stored["config"] == {"steps": 200, "bin": 100, "seeds": [0]}
+    status = json.loads((out / "status.json").read_text())
+    assert status["complete"] is True and status["quick"] is True
+    table = pd.read_csv(out / "results" / "online_regression.csv")
+    assert sorted(table["bin_end"].unique()) == [100, 200] and table["seed"].unique().tolist() == [0]
+    assert len(table) == 3 * 2  # 3 methods x 2 bins x 1 seed
+    assert (out / "figures" / "loss_of_plasticity.pdf").exists()
+    # a bad value is named; so is a resume that changes the config
+    capsys.readouterr()
+    assert (
+        main(["run", "loss_of_plasticity", "--set", "bin=300", *LOP_TINY[:2], "--out", str(tmp_path / "x")])
+        == 2
+    )
+    assert "steps (200) must be a positive multiple of bin (300)" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "run",
+                "loss_of_plasticity",
+                "--quick",
+                *LOP_TINY,
+                "--set",
+                "seeds=0,1",
+                "--out",
+                str(out),
+                "--resume",
+            ]
+        )
+        == 2
+    )
+    assert "seeds ([0] stored, [0, 1] now)" in capsys.readouterr().err
+
+
+def _script_process(name: str, out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "NESTLEARN_PROGRESS": "0"}
+    cmd = [sys.executable, "-m", "nestlearn.experiment._cli", "run", name, "--out", str(out), *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_of_a_script_experiment_then_resume_gives_identical_results(tmp_path):
+    sets = ["--quick", "--set", "steps=2000", "--set", "bin=100", "--set", "seeds=0,1"]  # 20 bins per method
+    reference = _script_process("loss_of_plasticity", tmp_path / "ref", *sets)
+    killed = _script_process("loss_of_plasticity", tmp_path / "killed", *sets)
+    second = tmp_path / "killed" / "checkpoints" / "continual_backprop"  # the second of three methods
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(s >= 3 for s in _finished_checkpoints_in(second)):
+        assert killed.poll() is None, killed.communicate()
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    done = max(_finished_checkpoints_in(second))
+    assert killed.returncode == -signal.SIGKILL and 3 <= done < 20, done
+    assert not (tmp_path / "killed" / "status.json").exists()
+
+    resumed = _script_process("loss_of_plasticity", tmp_path / "killed", *sets, "--resume")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert "[backprop] resuming after bin 20/20" in err and "[continual_backprop] resuming after bin" in err
+    _, ref_err = reference.communicate(timeout=600)
+    assert reference.returncode == 0, ref_err
+    a = np.load(tmp_path / "ref" / "results" / "online_regression.npz")
+    b = np.load(tmp_path / "killed" / "results" / "online_regression.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "ref" / "results" / "online_regression.csv"),
+        pd.read_csv(tmp_path / "killed" / "results" / "online_regression.csv"),
+    )
+
+
+def _finished_checkpoints_in(ckpt: Path) -> list[int]:
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """A study's own config: a narrow MLP of its own on split digits, two strategies, a few steps."""
+
+    hidden: int = 8
+    seeds: tuple[int, ...] = (0, 1)
+    steps_per_task: int = 6
+
+
+def study(config: StudyConfig, rundir: RunDir) -> None:
+    """A study in Python: its own model and strategies, writing a run directory as the CLI does."""
+    stream = tasks.split_digits("task", 2, seed=0)
+
+    def model(rngs):
+        return nn.MLP(stream.input_dim, (config.hidden,), stream.n_classes, rngs=rngs)
+
+    train = continual.TrainConfig(steps_per_task=config.steps_per_task, batch_size=8, evals_per_task=2)
+    results = {}
+    for name, strategy in (("naive", continual.Naive()), ("joint", continual.Joint())):
+        if rundir.done(name):
+            results[name] = rundir.load_result(name)
+            continue
+        results[name] = continual.Learner(model, optax.sgd(0.1), strategy, train).run(
+            stream, list(config.seeds)
+        )
+        rundir.save_result(name, results[name])
+        rundir.mark_done(name)
+    rundir.write_tidy_tables(results)
+    rundir.mark_complete(strategies=list(results))
+
+
+def make_figures():
+    spec = importlib.util.spec_from_file_location("make_figures", REPO / "paper" / "make_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_python_study_writes_a_run_directory_that_paper_figures_read(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    rundir = run_study(study, StudyConfig(), runs / "permuted_mnist_forgetting", experiment="my_study")
+    assert (
+        rundir.complete
+        and not rundir.quick
+        and rundir.config == {"hidden": 8, "seeds": [0, 1], "steps_per_task": 6}
+    )
+    summary = rundir.read_table("summary")
+    assert sorted(summary["strategy"].unique()) == ["joint", "naive"] and sorted(summary["seed"]) == [
+        0,
+        0,
+        1,
+        1,
+    ]
+    # resume: the config must match, and finished parts are read back, not retrained
+    with pytest.raises(ConfigError, match=r"hidden \(8 stored, 16 now\)"):
+        run_study(study, StudyConfig(hidden=16), rundir.path, resume=True)
+    before = rundir.load_result("naive").acc_matrix
+    with pytest.raises(ConfigError, match="already exists"):
+        run_study(study, StudyConfig(), rundir.path)
+    run_study(study, StudyConfig(), rundir.path, resume=True)
+    np.testing.assert_array_equal(rundir.load_result("naive").acc_matrix, before)
+    # the paper script reads it like a CLI run
+    figures = make_figures()
+    only = ["--runs", str(runs), "--out", str(tmp_path / "figs"), "--only", "01_permuted_forgetting_curves"]
+    assert figures.main(only) == 0
+    assert (tmp_path / "figs" / "01_permuted_forgetting_curves.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_a_quick_run_is_refused_by_the_paper_script_unless_allowed(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    run_study(study, StudyConfig(), runs / "permuted_mnist_forgetting", experiment="x", quick=True)
+    assert RunDir(runs / "permuted_mnist_forgetting").quick
+    figures = make_figures()
+    only = ["--runs", str(runs), "--only", "01_permuted_forgetting_curves"]
+    assert figures.main([*only, "--out", str(tmp_path / "refused")]) == 1
+    err = capsys.readouterr().err
+    assert "is a --quick run" in err and "--allow-quick" in err
+    assert not (tmp_path / "refused" / "01_permuted_forgetting_curves.pdf").exists()
+    assert figures.main([*only, "--out", str(tmp_path / "allowed"), "--allow-quick"]) == 0
+    assert (tmp_path / "allowed" / "01_permuted_forgetting_curves.pdf").exists()

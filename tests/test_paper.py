@@ -7,7 +7,14 @@ import jax
 import pytest
 
 from nestlearn import continual
-from nestlearn.experiment import ExperimentConfig, override, run_experiment
+from nestlearn.experiment import (
+    ExperimentConfig,
+    RunDir,
+    load_experiment,
+    override,
+    run_experiment,
+    run_study,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.stream=split_digits", "data.n_tasks=2", "seeds=2", "model.hidden=8", "train.steps_per_task=4",
@@ -15,6 +22,9 @@ TINY = ["data.stream=split_digits", "data.n_tasks=2", "seeds=2", "model.hidden=8
 
 
 def load(path: Path):
+    """An experiment file, or (not one) the paper script."""
+    if path.parent.name == "experiments":
+        return load_experiment(str(path))[1]
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -23,6 +33,13 @@ def load(path: Path):
 
 def quiet(message):
     del message
+
+
+def script(runs: Path, name: str, sets: list[str]) -> RunDir:
+    """Runs a script experiment at a tiny size through the public API, as the CLI does."""
+    module = load(REPO / "experiments" / f"{name}.py")
+    config = override(module.CONFIG, sets)
+    return run_study(module.run, config, runs / name, experiment=name, log=quiet)
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +53,11 @@ def runs(tmp_path_factory):
     run_experiment(
         sweep, runs / "stability_plasticity", experiment="stability_plasticity", log=quiet, make_figures=False
     )
-    load(REPO / "experiments" / "loss_of_plasticity.py").run(
-        runs / "loss_of_plasticity", log=quiet, scale=(200, (0, 1), 100)
-    )
+    script(runs, "loss_of_plasticity", ["steps=200", "seeds=0,1", "bin=100"])
     with jax.numpy_dtype_promotion("standard"):  # optax's Adam raises a float to its int32 step count
-        sinusoid = load(REPO / "experiments" / "maml_sinusoid.py")
-        k10 = [r for r in sinusoid.RUNS if r[1] == 10]
-        sinusoid.run(runs / "maml_sinusoid", log=quiet, scale=(4, 2, (0, 1)), runs=k10)
-        load(REPO / "experiments" / "maml_continual.py").run(
-            runs / "maml_continual", log=quiet, scale=(2, (0, 1))
-        )
+        k10 = "runs=maml/k10,fomaml/k10,reptile/k10,metasgd/k10,pretrained/k10"
+        script(runs, "maml_sinusoid", ["n_iters=4", "chunk=2", "seeds=0,1", k10])
+        script(runs, "maml_continual", ["n_iters=2", "seeds=0,1"])
     write_memory_recall_results(runs / "memory_recall")
     return runs
 
