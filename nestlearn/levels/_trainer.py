@@ -20,10 +20,11 @@ from nestlearn.engine import (
     Progress,
     compile_once,
     norms,
+    optimizer_values,
+    per_run_values,
     run_grid,
     run_keys,
     shard_runs,
-    stack_values,
 )
 from nestlearn.levels._nested import Nested, NestedState
 
@@ -195,10 +196,9 @@ class NestedTrainer:
         mesh: Mesh | None = None,
     ) -> tuple[NestedTrainState, list[dict[str, Any]], PRNGKeyArray, dict[str, Array]]:
         """Every run's state (leading run axis), its runs, keys and swept values (sharded over ``mesh``)."""
-        self._check_sweep(sweep or {})
         runs = run_grid(seeds, sweep)
         keys = run_keys([r["seed"] for r in runs])
-        hparams = stack_values(runs, list(sweep or {}))
+        hparams = self._values(runs, sweep or {})
         state = self._init(keys, hparams)
         return shard_runs(state, mesh), runs, shard_runs(keys, mesh), shard_runs(hparams, mesh)
 
@@ -269,28 +269,38 @@ class NestedTrainer:
             "state": state,
         }
 
-    def _check_sweep(self, sweep: Mapping[str, Sequence[float]]) -> None:
-        levels = {lv.name: lv for lv in self.program.levels}
+    def _values(
+        self, runs: Sequence[Mapping[str, Any]], sweep: Mapping[str, Sequence[float]]
+    ) -> dict[str, Array]:
+        """The runs' swept values ``{name: [runs, ...] float32}``, each checked against its level."""
+        names = [lv.name for lv in self.program.levels]
+        n, out, abstract = len(runs), {}, None
         for name in sweep:
             level, _, field = name.partition(".")
-            if level not in levels or not field:
+            if level not in names or not field:
                 raise ConfigError(
                     f"sweep {name!r}: name a level and a field, '<level>.rate' or '<level>.<hyperparameter>', "
-                    f"with a level among {sorted(levels)}"
+                    f"with a level among {names}"
                 )
-            lv = levels[level]
+            i = names.index(level)
+            lv = self.program.levels[i]
+            values = [r[name] for r in runs]
             if field == "rate":
                 if lv.learns_by != "consolidate" or lv.optimizer is not None:
                     raise ConfigError(f"sweep {name!r}: level {level!r} does not consolidate at a rate")
+                rates = per_run_values(name, values, n)
+                if rates.ndim != 1:
+                    raise ConfigError(f"sweep {name!r}: a rate is one number per run, got {values!r}")
+                out[name] = jnp.asarray(rates)
                 continue
             if lv.optimizer is None:
                 raise ConfigError(f"sweep {name!r}: level {level!r} has no optimizer")
-            i = list(levels).index(level)
-            abstract = jax.eval_shape(
-                lambda i=i: self.program.init(self.init_params(jax.random.key(0))).levels[i].opt_state
-            )
-            if not optax.tree_utils.tree_get_all_with_path(abstract, field):
-                raise ConfigError(
-                    f"sweep {name!r}: level {level!r}'s optimizer state holds no {field!r} "
-                    "(build the optimizer with optax.inject_hyperparams)"
-                )
+            if abstract is None:
+                abstract = jax.eval_shape(lambda: self.program.init(self.init_params(jax.random.key(0))))
+            try:  # the engine's one hyperparameter path, over the level's own parameters
+                out[name] = optimizer_values(lv.optimizer, abstract.levels[i].params, {field: values}, n)[
+                    field
+                ]
+            except ConfigError as e:
+                raise ConfigError(f"sweep {name!r}: level {level!r}: {e}") from None
+        return out
