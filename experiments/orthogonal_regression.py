@@ -1,7 +1,8 @@
 """The Nested Learning paper's toy: continual linear regression on orthogonal tasks. Does momentum forget,
 does delta momentum or a multi-timescale optimizer forget less? Issue 5's first measured comparison.
 
-Command:  nestlearn run orthogonal_regression        (--quick: 2 seeds, 100 steps per task)
+Command:  nestlearn run orthogonal_regression [--set steps_per_task=N --set seeds=0,1] [--quick] [--resume]
+                                                     (--quick: 2 seeds, 100 steps per task)
 Runtime:  about 1 minute on 2 CPU cores; --quick about 30 seconds (mostly compilation).
 Produces: results/loss_matrix.csv (loss on task j after training task i, per optimizer and seed),
           results/summary.csv (per optimizer and seed: final average loss, average forgetting, loss on
@@ -26,10 +27,12 @@ Setup:    d = 32 inputs, K = 4 tasks, m = 4 outputs. Per seed, a random orthonor
           Test losses are measured after every top-level step: every step for one-level learners, every
           10 steps for two-level ones (curves.npz stores each learner's evaluation period as
           "<name>__every").
+Resume:   by part: a learner whose curves are done (results/parts/<name>.npz) is kept on --resume.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -38,8 +41,8 @@ import numpy as np
 import optax
 import pandas as pd
 
-from nestlearn import levels, optim
-from nestlearn.experiment._rundir import atomic_write, write_json
+from nestlearn import ConfigError, levels, optim
+from nestlearn.experiment import RunDir
 
 D, K, M, R = 32, 4, 4, 8
 NOISE, BATCH, N_TEST = 0.05, 16, 256
@@ -107,18 +110,44 @@ def trainer(program: levels.Nested, steps: int) -> levels.NestedTrainer:
     return levels.NestedTrainer(program, lambda key: zero, batches, steps=K * n, chunk=n, evaluate=evaluate)
 
 
-def run(out: Path, *, quick: bool = False, log=print, scale: tuple | None = None) -> None:
-    """Runs every optimizer over the seeds; ``scale = (steps_per_task, seeds)`` overrides."""
-    steps, seeds = (100, (0, 1)) if quick else (300, (0, 1, 2, 3, 4))
-    if scale is not None:
-        steps, seeds = scale
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Training steps per task and the seeds."""
+
+    steps_per_task: int = 300
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+
+    def validate(self) -> None:
+        if not self.seeds:
+            raise ConfigError("seeds must name at least one seed")
+        for name, lv in learners().items():
+            period = levels.Nested(lv, train_loss, levels.Stream()).periods[-1]
+            if self.steps_per_task <= 0 or self.steps_per_task % period:
+                raise ConfigError(
+                    f"steps_per_task ({self.steps_per_task}) must be a positive multiple of {name}'s period {period}"
+                )
+
+
+CONFIG = Config()
+QUICK = ["steps_per_task=100", "seeds=0,1"]
+
+
+def run(config: Config, rundir: RunDir) -> None:
+    """Runs every optimizer over the seeds; a finished learner (results/parts/<name>.npz) is kept on resume."""
+    steps, seeds, log = config.steps_per_task, config.seeds, rundir.log
     curves, every, matrix_rows, summary_rows = {}, {}, [], []
     for name, lv in learners().items():
         program = levels.Nested(lv, train_loss, levels.Stream())
         period = program.periods[-1]
-        if steps % period:
-            raise ValueError(f"steps per task ({steps}) must be a multiple of {name}'s period {period}")
-        curve = trainer(program, steps).run(list(seeds), progress=False)["eval"]["test"]  # [S, K*steps/P, K]
+        if rundir.done(f"parts/{name}"):
+            curve = rundir.read_arrays(f"parts/{name}")["curve"]
+            log(f"[{name}] already finished, loaded results/parts/{name}.npz")
+        else:
+            curve = trainer(program, steps).run(list(seeds), progress=False)["eval"][
+                "test"
+            ]  # [S, K*steps/P, K]
+            rundir.write_arrays(f"parts/{name}", {"curve": curve})
+            rundir.mark_done(f"parts/{name}")
         curves[name], every[name] = curve, period
         n = steps // period
         ends = curve[:, n - 1 :: n]  # [S, K (trained), K (evaluated)]
@@ -135,18 +164,13 @@ def run(out: Path, *, quick: bool = False, log=print, scale: tuple | None = None
         f = np.array([r["forgetting"] for r in summary_rows if r["optimizer"] == name])
         log(f"[{name}] forgetting {f.mean():.4f} ± {f.std(ddof=1) / np.sqrt(len(f)) if len(f) > 1 else 0:.4f}, "
             f"final loss {np.mean([r['final_loss'] for r in summary_rows if r['optimizer'] == name]):.4f}")  # fmt: skip
-    atomic_write(out / "results" / "loss_matrix.csv", pd.DataFrame(matrix_rows).to_csv(index=False))
-    atomic_write(out / "results" / "summary.csv", pd.DataFrame(summary_rows).to_csv(index=False))
-    atomic_write(
-        out / "results" / "curves.npz",
-        lambda fh: np.savez(
-            fh, steps_per_task=steps, **curves, **{f"{k}__every": v for k, v in every.items()}
-        ),
-        mode="wb",
+    rundir.write_table("loss_matrix", pd.DataFrame(matrix_rows))
+    rundir.write_table("summary", pd.DataFrame(summary_rows))
+    rundir.write_arrays(
+        "curves", {"steps_per_task": steps, **curves, **{f"{k}__every": v for k, v in every.items()}}
     )
-    figures(out)
-    write_json(out / "status.json", {"complete": True, "optimizers": list(curves), "seeds": list(seeds),
-                                     "steps_per_task": steps})  # fmt: skip
+    figures(rundir.path)
+    rundir.mark_complete(optimizers=list(curves), seeds=list(seeds), steps_per_task=steps)
 
 
 def figures(out: Path) -> None:
