@@ -230,12 +230,11 @@ def nan_at(update_index):
 def test_divergence_is_recorded_with_its_step():
     stream = make_tiny_stream(n_tasks=2)
     config = TrainConfig(steps_per_task=5, batch_size=8)
-    # Update 6 (0-based) is NaN: global step 6 is the first whose update is not finite. The engine's
-    # policy records it, skips the update and freezes the run, so its accuracies from there on are NaN
-    # (task 1 runs steps 5-9: its in-task and end-of-task rows have no score) and task 0's row keeps its.
+    # Update 6 (0-based) is NaN, so the loss of global step 7 is the first non-finite one. The run's
+    # accuracies from there on are NaN (task 1 runs steps 5-9: its row has no score); task 0's keeps its.
     learner = Learner(mlp(stream), optax.chain(optax.sgd(0.1), nan_at(6)), continual.Naive(), config)
     result = learner.run(stream, seeds=[0, 1])
-    np.testing.assert_array_equal(result.diverged_step, [6, 6])
+    np.testing.assert_array_equal(result.diverged_step, [7, 7])
     assert result.diverged.all()
     assert np.isfinite(result.acc_matrix[:, 0]).all() and np.isnan(result.acc_matrix[:, 1]).all()
     healthy = Learner(mlp(stream), optax.chain(optax.sgd(0.1), nan_at(99)), continual.Naive(), config)

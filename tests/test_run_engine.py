@@ -126,6 +126,27 @@ def test_batchnorm_and_dropout_models_train_and_carry_their_state():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_chunk_telemetry_is_the_parameter_norm_and_the_span_displacement():
+    stream = make_tiny_stream(n_tasks=2)
+    learner = Learner(
+        lambda r: nn.MLP(6, (8,), 3, rngs=r),
+        optax.sgd(0.1),
+        continual.Naive(),
+        TrainConfig(6, 8, evals_per_task=1),
+    )
+    state = learner.init(stream, [0, 1])
+    before = jax.tree.map(np.asarray, state.params)
+    state, out = learner.run_task(state, stream, 0)
+    after = jax.tree.map(np.asarray, state.params)
+    for r in range(2):
+        flat = lambda tree, r=r: np.concatenate([np.ravel(x[r]) for x in jax.tree.leaves(tree)])
+        np.testing.assert_allclose(out.norms["param_norm"][r, 0], np.linalg.norm(flat(after)), rtol=1e-5)
+        np.testing.assert_allclose(
+            out.norms["chunk_update_norm"][r, 0], np.linalg.norm(flat(after) - flat(before)), rtol=1e-4
+        )
+    assert float(out.norms["chunk_update_norm"][0, 0]) > 0
+
+
 def test_evals_per_task_is_a_count():
     for steps, n, want in [
         (10, 5, (2, 4, 6, 8, 10)),

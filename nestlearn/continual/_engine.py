@@ -33,7 +33,6 @@ from nestlearn.engine import (
     check_seeds,
     compile_once,
     nan_unless,
-    norms,
     optimizer_values,
     per_run_values,
     run_grid,
@@ -108,7 +107,7 @@ def steps_for_epochs(epochs: float, n_train: int | TaskStream, batch_size: int) 
     return max(1, math.ceil(epochs * n_train / batch_size))
 
 
-NORMS = ("grad_norm", "update_norm", "param_norm")
+NORMS = ("param_norm", "chunk_update_norm")
 STEP_STREAM = 0x5EED  # folded into a run's key to derive per-step keys apart from per-task keys
 
 
@@ -149,7 +148,7 @@ class TaskOutput(flax.struct.PyTreeNode):
     curve: Float[Array, "evals task"]  # accuracy on every task at the in-task evaluation points
     loss: Float[Array, " points"]  # mean training loss since the previous evaluation point
     train_acc: Float[Array, " points"]  # mean accuracy on the training batches, measured before each update
-    norms: dict  # mean global norms of gradients, updates and parameters per span: {name: [points]}
+    norms: dict  # per span: the parameter norm at its end and the norm of its displacement {name: [points]}
 
 
 class Learner:
@@ -207,16 +206,25 @@ class Learner:
             length=None,
             in_axes=(None, None, None),
             static=1,  # the number of reshuffled epochs (a shape)
-            guard=Guard(blowup=config.blowup),
+            # Divergence is read off the loss (a NaN update shows in the next step's loss). Runs are not
+            # frozen: a diverged run's metrics and accuracies are NaN from its step on, and skipping the
+            # per-step select over the whole state keeps the hot loop as fast as a hand-written one.
+            guard=Guard(blowup=config.blowup, freeze=False),
+            telemetry=lambda start, end: {
+                "param_norm": optax.tree.norm(end.params).astype(jnp.float32),
+                "chunk_update_norm": optax.tree.norm(
+                    jax.tree.map(jnp.subtract, end.params, start.params)
+                ).astype(jnp.float32),
+            },
             prepare=lambda state, stream, task, n_epochs: (
                 stream,
                 task,
                 self._order(state, stream, task, n_epochs),
             ),
-            evaluate=lambda state, stream, task, order: {
-                "acc_row": self._evaluate(state.params, state.model_state, stream)
-            },
         )
+        # In-task evaluation points: a separate program, so a task's last chunk is not evaluated twice
+        # (its row comes from the end of the task, after end_task).
+        self._evaluate_runs = jax.jit(jax.vmap(self._evaluate_if_healthy, in_axes=(0, None)))
         self._begin = jax.jit(jax.vmap(self._begin_task_one, in_axes=(0, None, None)), donate_argnums=0)
         self._end = jax.jit(jax.vmap(self._end_task_one, in_axes=(0, None, None)), donate_argnums=0)
 
@@ -270,6 +278,9 @@ class Learner:
             return hit.sum() / jnp.maximum(valid.sum(), 1)
 
         return jax.lax.map(one, jnp.arange(stream.n_tasks, dtype=jnp.int32)).astype(jnp.float32)
+
+    def _evaluate_if_healthy(self, state: RunState, stream: TaskStream) -> Float[Array, " task"]:
+        return nan_unless(state.diverged_step < 0, self._evaluate(state.params, state.model_state, stream))
 
     def _loss(self, params, model_state, strategy: Strategy, strategy_state, batch: Batch, ctx: Context):
         out, model_state = self.fn.train(params, model_state, batch.x)
@@ -329,7 +340,7 @@ class Learner:
         new = state.replace(
             params=params, model_state=model_state, opt_state=opt_state, strategy_state=sstate
         )
-        return new, {"loss": task_loss, "acc": correct, **norms(grads, updates, params)}
+        return new, {"loss": task_loss, "acc": correct}
 
     def _end_task_one(self, state: RunState, stream: TaskStream, task):
         key = jax.random.fold_in(jax.random.fold_in(state.key, task), 2)
@@ -504,9 +515,7 @@ class Learner:
             last = i == len(points) - 1
             state, m = self.engine.run(state, stream, task_, n_epochs, count=end - first)
             if not last:
-                curve.append(m.pop("acc_row"))
-            else:
-                m.pop("acc_row")
+                curve.append(self._evaluate_runs(state, stream))
             spans.append(m)
             first = end
             if on_chunk is not None:

@@ -27,9 +27,10 @@ class StreamResult:
       steps_per_task: number of optimizer steps on each task.
       task_names: one name per task.
       runs: what distinguishes each row: its seed and, in a sweep, its hyperparameter values.
-      norms: telemetry, ``{"grad_norm" | "update_norm" | "param_norm": [S, P]}``: the mean global L2
-        norm of the gradients, updates and parameters over the steps of each span between evaluation
-        points (NaN at point 0), or ``None`` when not recorded.
+      norms: telemetry per span between evaluation points, ``[S, P]`` each (NaN at point 0 and after a
+        run diverged): ``"param_norm"``, the global L2 norm of the parameters at the span's end, and
+        ``"chunk_update_norm"``, the norm of the parameters' change over the span; ``None`` when not
+        recorded.
     """
 
     acc_matrix: np.ndarray

@@ -135,6 +135,9 @@ class Engine:
       prepare: keyword-only; ``prepare(state, *args) -> args`` computed once per chunk before its steps
         (e.g. a task's shuffled example order), whose result the steps and the evaluation receive.
       static: keyword-only; how many trailing ``args`` are static (hashable Python values, compiled in).
+      telemetry: keyword-only; ``telemetry(start, end) -> metrics`` from the states at the chunk's start
+        and end, computed once per chunk (e.g. the parameter norm and the chunk's displacement, cheaper than
+        norms at every step); NaN for runs that have diverged.
       reduce: keyword-only; ``reduce(metrics) -> metrics`` applied to the chunk's per-step metrics inside
         the compiled program (e.g. a mean per bin, so per-step arrays never reach the host).
       compiler_options: keyword-only; passed to ``jax.jit``.
@@ -169,6 +172,7 @@ class Engine:
         prepare: Callable | None = None,
         static: int = 0,
         reduce: Callable | None = None,
+        telemetry: Callable | None = None,
         compiler_options: dict | None = None,
     ) -> None:
         if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
@@ -178,6 +182,7 @@ class Engine:
         self.guard = guard or Guard()
         self.evaluate = evaluate
         self.reduce = reduce
+        self.telemetry = telemetry
         self.prepare = prepare
         self.static = static
         self.in_axes = tuple(in_axes)
@@ -210,6 +215,7 @@ class Engine:
         ``args`` are the step's arguments, followed by the step count when ``length`` is ``None``.
         """
         self.n_traces += 1
+        start = state
         if self.prepare is not None:
             if self.length is None:
                 *args, count = args
@@ -223,6 +229,8 @@ class Engine:
             state, metrics = self._loop(state, args, count)
         if self.reduce is not None:
             metrics = self.reduce(metrics)
+        if self.telemetry is not None:
+            metrics = {**metrics, **nan_unless(state.diverged_step < 0, self.telemetry(start, state))}
         if self.evaluate is not None:
             ev = self.evaluate(state, *args)
             metrics = {**metrics, **nan_unless(state.diverged_step < 0, ev)}

@@ -159,7 +159,8 @@ def optimizer_values(
 ) -> dict[str, Array]:
     """Per-run values of ``optax.inject_hyperparams`` hyperparameters, checked against the optimizer.
 
-    Every name must be a hyperparameter the optimizer's state holds (by ``optax.tree_utils.tree_get``),
+    Every name must be a hyperparameter the optimizer's state holds, once or in several places (by
+    ``optax.tree_utils.tree_get_all_with_path``; ``tree_set`` then sets every one of them),
     and every value must have its shape; the result is ``{name: [n, ...] float32}``, to set in each run's
     state with ``optax.tree_utils.tree_set``.
     """
@@ -168,15 +169,16 @@ def optimizer_values(
     import optax
 
     probe = jax.eval_shape(optimizer.init, abstract_params)
-    missing = object()
     out = {}
     for name, vals in values.items():
         vals = per_run_values(name, vals, n)
-        held = optax.tree_utils.tree_get(probe, name, default=missing)
-        if held is missing:
+        # Every place that holds it (an optimizer per parameter group may hold it several times).
+        found = optax.tree_utils.tree_get_all_with_path(probe, name)
+        if not found:
             raise ConfigError(
                 f"optimizer has no hyperparameter {name!r}; wrap it in optax.inject_hyperparams to sweep it"
             )
+        held = found[0][1]
         if tuple(vals.shape[1:]) != tuple(np.shape(held)):
             raise ConfigError(
                 f"optimizer hyperparameter {name!r} has shape {tuple(np.shape(held))}; each swept value has "

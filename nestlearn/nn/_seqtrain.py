@@ -225,7 +225,7 @@ class SeqTrainer:
         """One training step of one run (pure; the engine guards it and counts it).
 
         Returns the new state and the step's ``loss`` and ``acc`` (measured before its update) with the
-        global norms ``grad_norm``, ``update_norm`` and ``param_norm``.
+        global norm of its update, ``update_norm`` (a non-finite one is divergence).
         """
         batch = self.sample(jax.random.fold_in(jax.random.fold_in(key, _DATA), s.step))
         (loss, acc), grads = jax.value_and_grad(self.loss, has_aux=True)(s.params, s.buffers, batch)
@@ -234,7 +234,7 @@ class SeqTrainer:
         return s.replace(params=params, opt_state=opt_state), {
             "loss": loss,
             "acc": acc,
-            **norms(grads, updates, params),
+            **norms(updates=updates),
         }
 
     def _chunk_telemetry(self, state: SeqTrainState, key: PRNGKeyArray) -> dict[str, Any]:
