@@ -167,6 +167,8 @@ class Nested:
     (which the telemetry reads), with no branch on traced values; and an ``"unroll"`` level is
     differentiable through the faster levels' scans, since they are a function of its parameters.
     The learning modes are described (with their math) in :class:`Level`.
+    For many runs (seeds x level rates or optimizer hyperparameters) in chunks on the engine, with
+    divergence tracked and progress shown, wrap the program in :class:`~nestlearn.levels.NestedTrainer`.
 
     Configurations of levels (``g`` an optimizer, ``k`` steps):
 
