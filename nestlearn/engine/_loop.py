@@ -55,12 +55,12 @@ class Guard:
     def healthy(self, metrics: dict[str, Array]) -> Array:
         """Whether a step's metrics are those of a healthy step."""
         loss = metrics[self.loss]
-        ok = jnp.isfinite(loss)
+        ok = jnp.all(jnp.isfinite(loss))
         for name in ("grad_norm", "update_norm"):
-            if name in metrics:
-                ok &= jnp.isfinite(metrics[name])
+            if name in metrics:  # a scalar or a vector (one norm per level or group)
+                ok &= jnp.all(jnp.isfinite(metrics[name]))
         if self.blowup is not None:
-            ok &= jnp.abs(loss) <= self.blowup
+            ok &= jnp.all(jnp.abs(loss) <= self.blowup)
         return ok
 
     def wrap(self, step: Step) -> Step:
