@@ -3,7 +3,8 @@ and replay on permuted MNIST and split MNIST (domain-incremental); forgetting cu
 per-level telemetry per task, and the stability–plasticity plane with the periods and rates as the swept
 axis. Issue 5's second and third measured comparisons.
 
-Command:  nestlearn run cms_streams        (--quick: 3 tasks, 2 seeds, fewer swept values)
+Command:  nestlearn run cms_streams [--set n_tasks=N --set seeds=0,1 --set bases=1,4 ...] [--quick] [--resume]
+                                           (--quick: 3 tasks, 2 seeds, fewer swept values)
 Runtime:  about 5-8 minutes on 2 (shared) CPU cores; --quick about 1-2 minutes.
 Produces: results/<stream>/<method>.npz (one StreamResult per method, sweeps as rows; load with
           nestlearn.experiment.load_result), results/summary.csv (every metrics.summary value per
@@ -23,12 +24,14 @@ Setup:    model nn.CMSMLP(784, 128, dout, levels=3, hidden=128), sequential resi
             ewc       CMS off, EWC lam 100;   replay   CMS off, reservoir buffer of 500.
           Summaries read the end-of-task accuracy matrix (fast weights; with FastSlow at a task length
           divisible by P these are the slow weights).
+Resume:   by part: a finished (stream, method) (results/<stream>/<method>.npz, and the cms telemetry) is
+          kept on --resume.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,23 +39,35 @@ import numpy as np
 import optax
 import pandas as pd
 
-from nestlearn import continual, engine, metrics, nn, tasks
-from nestlearn.experiment._rundir import atomic_write, load_result, save_result, write_json
+from nestlearn import ConfigError, continual, engine, metrics, nn, tasks
+from nestlearn.experiment import RunDir, load_result
 
 WIDTH = 128
 
 
-class Scale(NamedTuple):
-    n_tasks: int
-    seeds: tuple[int, ...]
-    bases: tuple[float, ...]
-    nested_rates: tuple[float, ...]
-    fs_periods: tuple[float, ...]
-    fs_rates: tuple[float, ...]
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tasks per stream, seeds, and the swept values of each method."""
+
+    n_tasks: int = 5
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    bases: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    nested_rates: tuple[float, ...] = (0.2, 0.5, 0.8)
+    fs_periods: tuple[float, ...] = (4.0, 16.0)
+    fs_rates: tuple[float, ...] = (0.2, 0.5, 0.8)
+
+    def validate(self) -> None:
+        for field in dataclasses.fields(self):
+            if field.name != "n_tasks" and not getattr(self, field.name):
+                raise ConfigError(f"{field.name} must name at least one value")
+        if not 2 <= self.n_tasks <= 5:
+            raise ConfigError(
+                f"n_tasks must be between 2 and 5 (split MNIST has 5 tasks), got {self.n_tasks}"
+            )
 
 
-FULL = Scale(5, (0, 1, 2, 3, 4), (1.0, 2.0, 4.0, 8.0), (0.2, 0.5, 0.8), (4.0, 16.0), (0.2, 0.5, 0.8))
-QUICK = Scale(3, (0, 1), (1.0, 4.0), (0.5,), (16.0,), (0.2, 0.8))
+CONFIG = Config()
+QUICK = ["n_tasks=3", "seeds=0,1", "bases=1,4", "nested_rates=0.5", "fs_periods=16", "fs_rates=0.2,0.8"]
 STREAMS = {"permuted": 64, "split_domain": 32}  # stream -> steps per task
 
 
@@ -108,7 +123,7 @@ def run_with_telemetry(learner, stream, seeds, sweep, periods_of):
     return recorder.result(), rows
 
 
-def methods(scale: Scale, steps: int):
+def methods(scale: Config, steps: int):
     """name -> (optimizer, strategy, sweep, swept key)."""
     off = nn.cms_optimizer(optax.sgd(0.01, 0.9), (1, 1, 1))
     return {
@@ -121,24 +136,34 @@ def methods(scale: Scale, steps: int):
     }  # fmt: skip
 
 
-def run(out: Path, *, quick: bool = False, log=print, scale: Scale | None = None) -> None:
-    """Runs both streams and every method; ``scale`` overrides the sizes."""
-    scale = scale or (QUICK if quick else FULL)
+def run(config: Config, rundir: RunDir) -> None:
+    """Runs both streams and every method; a finished (stream, method) is kept on --resume."""
+    scale, log, out = config, rundir.log, rundir.path
     summary_rows, tele_rows, trade = [], [], []
     for stream_name, steps in STREAMS.items():
         stream = make_stream(stream_name, scale.n_tasks)
         config = continual.TrainConfig(steps_per_task=steps, batch_size=64, eval_every=16)
         for name, (opt, strategy, sweep, key) in methods(scale, steps).items():
-            learner = continual.Learner(model_for(stream.n_classes), opt, strategy, config)
-            if name == "cms":
-                result, rows = run_with_telemetry(
-                    learner, stream, scale.seeds, sweep,
-                    lambda r: ((1, int(r["optimizer.period_base"]), int(r["optimizer.period_base"]) ** 2), 1),
-                )  # fmt: skip
-                tele_rows += [{"stream": stream_name, **row} for row in rows]
+            part = f"{stream_name}/{name}"
+            if rundir.done(part):
+                result = rundir.load_result(part)
+                if name == "cms":
+                    tele_rows += rundir.read_table(f"{stream_name}/cms_telemetry").to_dict("records")
+                log(f"[{part}] already finished, loaded results/{part}.npz")
             else:
-                result = learner.run(stream, scale.seeds, sweep=sweep)
-            save_result(out / "results" / stream_name / f"{name}.npz", result)
+                learner = continual.Learner(model_for(stream.n_classes), opt, strategy, config)
+                if name == "cms":
+                    result, rows = run_with_telemetry(
+                        learner, stream, scale.seeds, sweep,
+                        lambda r: ((1, int(r["optimizer.period_base"]), int(r["optimizer.period_base"]) ** 2), 1),
+                    )  # fmt: skip
+                    rows = [{"stream": stream_name, **row} for row in rows]
+                    rundir.write_table(f"{stream_name}/cms_telemetry", pd.DataFrame(rows))
+                    tele_rows += rows
+                else:
+                    result = learner.run(stream, scale.seeds, sweep=sweep)
+                rundir.save_result(part, result)
+                rundir.mark_done(part)
             table = metrics.summary(result.acc_matrix, result.acc_init)
             for s, r in enumerate(result.runs):
                 summary_rows.append({"stream": stream_name, "method": name, **r,
@@ -157,12 +182,11 @@ def run(out: Path, *, quick: bool = False, log=print, scale: Scale | None = None
             log(f"[{stream_name}/{name}] ACC {table['average_accuracy'][ok].mean():.3f}, "
                 f"forgetting {table['forgetting'][ok].mean():.3f}, learning accuracy "
                 f"{table['learning_accuracy'][ok].mean():.3f} over {len(result.runs)} runs")  # fmt: skip
-    atomic_write(out / "results" / "summary.csv", pd.DataFrame(summary_rows).to_csv(index=False))
-    atomic_write(out / "results" / "telemetry.csv", pd.DataFrame(tele_rows).to_csv(index=False))
-    atomic_write(out / "results" / "tradeoff.csv", pd.concat(trade).to_csv(index=False))
+    rundir.write_table("summary", pd.DataFrame(summary_rows))
+    rundir.write_table("telemetry", pd.DataFrame(tele_rows))
+    rundir.write_table("tradeoff", pd.concat(trade))
     figures(out, scale)
-    write_json(out / "status.json", {"complete": True, "streams": list(STREAMS), "quick": quick,
-                                     "seeds": list(scale.seeds), "n_tasks": scale.n_tasks})  # fmt: skip
+    rundir.mark_complete(streams=list(STREAMS), seeds=list(scale.seeds), n_tasks=scale.n_tasks)
 
 
 def labelled_results(out: Path, stream: str) -> dict:
@@ -182,7 +206,7 @@ def labelled_results(out: Path, stream: str) -> dict:
     return found
 
 
-def figures(out: Path, scale: Scale) -> None:
+def figures(out: Path, scale: Config) -> None:
     import matplotlib.pyplot as plt
 
     from nestlearn import plot

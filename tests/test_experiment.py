@@ -236,7 +236,9 @@ def test_a_sweep_of_a_strategy_not_run_is_refused(capsys):
     assert rc == 2 and "sweep.ewc is set but 'ewc' is not in strategies" in err[0]
 
 
-SCRIPTS = ["loss_of_plasticity", "maml_sinusoid", "maml_continual", "memory_recall"]
+SCRIPTS = [
+    "loss_of_plasticity", "orthogonal_regression", "maml_sinusoid", "maml_continual", "memory_recall", "cms_streams",
+]  # fmt: skip
 LOP_TINY = ["--set", "steps=200", "--set", "bin=100", "--set", "seeds=0"]
 
 
