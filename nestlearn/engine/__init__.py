@@ -9,7 +9,7 @@ regains control only between chunks.
 
 from nestlearn.engine._cache import default_cache_dir, enable_compilation_cache
 from nestlearn.engine._checkpoint import Checkpoints
-from nestlearn.engine._loop import Engine, Guard, compile_once, nan_unless, norms
+from nestlearn.engine._loop import Engine, Guard, compile_once, nan_unless, norms, run_chunks
 from nestlearn.engine._model import Functional
 from nestlearn.engine._progress import Progress, progress_enabled
 from nestlearn.engine._runs import (
@@ -41,6 +41,7 @@ __all__ = [
     "optimizer_values",
     "per_run_values",
     "progress_enabled",
+    "run_chunks",
     "run_grid",
     "run_keys",
     "run_mesh",

@@ -206,6 +206,7 @@ class Engine:
 
         statics = tuple(range(1 + k + c, 1 + k + c + static))
         opts = dict(donate_argnums=0, compiler_options=compiler_options, static_argnums=statics)
+        self._vmapped = vmapped
         self._single = jax.jit(chunk, **opts)
         self._runs = jax.jit(vmapped, **opts)
 
@@ -269,3 +270,82 @@ class Engine:
         extra = () if count is None else (jnp.asarray(count, jnp.int32),)
         k = len(args) - self.static
         return (state, *args[:k], *extra, *args[k:])
+
+
+def run_chunks(
+    engine: Engine,
+    state,
+    *args,
+    n_chunks: int,
+    steps_per_chunk: int = 1,
+    checkpoints=None,
+    mesh=None,
+    progress: bool | None = None,
+    desc: str = "",
+    on_chunk: Callable | None = None,
+):
+    """The host loop every family shares: ``n_chunks`` calls of ``engine``, progress, checkpoints, resume.
+
+    Each chunk's metrics are copied to the host into a record of fixed shape (``[n_chunks, ...]`` per
+    metric), so that after every chunk ``checkpoints`` (a :class:`nestlearn.engine.Checkpoints`) can save
+    the state and the record as checkpoint ``chunks done``. When ``checkpoints`` already holds one, the run
+    resumes after the newest: the state and the record are restored (into ``state``'s shapes, on ``mesh``)
+    and the remaining chunks run, so the results equal an uninterrupted run's.
+
+    Args:
+      engine: the compiled chunk (built with a static ``length``).
+      state: the state of every run before the first chunk (leading run axis).
+      args: the chunk's other arguments.
+      n_chunks: keyword-only; chunks to run in all.
+      steps_per_chunk: keyword-only; steps per chunk (for progress).
+      checkpoints: keyword-only; where to save and resume from (``None``: neither).
+      mesh: keyword-only; the mesh the state is sharded over (restored onto it).
+      progress: keyword-only; a progress line per chunk (``None`` follows ``NESTLEARN_PROGRESS``).
+      desc: keyword-only; the progress line's label.
+      on_chunk: keyword-only; ``on_chunk(c, state, metrics)`` on the host after chunk ``c``.
+
+    Returns:
+      ``(state, chunks)``: the final state and each chunk's metrics (numpy, ``[runs, length, ...]``).
+    """
+    import numpy as np
+
+    from nestlearn.engine._progress import Progress
+
+    full = engine._arguments(state, args, None)
+    cut = len(full) - engine.static
+    traces = engine.n_traces  # an abstract evaluation is not a compilation: leave the count alone
+    shapes = jax.eval_shape(lambda s, *d: engine._vmapped(s, *d, *full[cut:]), *full[:cut])[1]
+    engine.n_traces = traces
+    leaves, treedef = jax.tree.flatten(shapes)
+    record = {
+        f"m{i}": np.full(
+            (n_chunks, *a.shape), np.nan if jnp.issubdtype(a.dtype, jnp.floating) else 0, a.dtype
+        )
+        for i, a in enumerate(leaves)
+    }
+    first = 0
+    latest = checkpoints.latest() if checkpoints is not None else None
+    if latest is not None:
+        sharded = mesh is not None
+        abstract = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding if sharded else None), state
+        )
+        state, record = checkpoints.restore(latest, abstract, record)
+        first = latest
+    chunk = lambda c: treedef.unflatten([record[f"m{i}"][c] for i in range(len(leaves))])
+    bar = Progress(n_chunks * steps_per_chunk, desc, enabled=progress)
+    for c in range(first, n_chunks):
+        state, metrics = engine.run(state, *args)
+        for i, leaf in enumerate(jax.tree.leaves(metrics)):
+            record[f"m{i}"][c] = np.asarray(leaf)
+        if checkpoints is not None:
+            checkpoints.save(c + 1, state, record)
+        loss = np.asarray(chunk(c)[engine.guard.loss], np.float64)
+        bar.update(
+            (c + 1) * steps_per_chunk, loss=float(np.nanmean(loss)) if np.isfinite(loss).any() else np.nan
+        )
+        if on_chunk is not None:
+            on_chunk(c, state, chunk(c))
+    if checkpoints is not None:
+        checkpoints.wait()
+    return state, [chunk(c) for c in range(n_chunks)]

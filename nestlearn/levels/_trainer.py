@@ -15,13 +15,14 @@ from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
 from nestlearn._errors import ConfigError
 from nestlearn.engine import (
+    Checkpoints,
     Engine,
     Guard,
-    Progress,
     compile_once,
     norms,
     optimizer_values,
     per_run_values,
+    run_chunks,
     run_grid,
     run_keys,
     shard_runs,
@@ -214,6 +215,7 @@ class NestedTrainer:
         mesh: Mesh | None = None,
         log: Callable[[dict[str, Any]], None] | None = None,
         progress: bool | None = None,
+        checkpoints: Checkpoints | None = None,
     ) -> dict[str, Any]:
         """Runs every seed x swept value for ``steps`` top-level steps, ``chunk`` per compiled call.
 
@@ -225,6 +227,8 @@ class NestedTrainer:
             (per-run chunk means of the loss, the diverged mask).
           progress: keyword-only; a progress line with an ETA after every chunk (``None``: follow
             ``NESTLEARN_PROGRESS``).
+          checkpoints: keyword-only; a :class:`nestlearn.engine.Checkpoints` saved after every chunk and
+            resumed from when it holds one (:func:`nestlearn.engine.run_chunks`).
 
         Returns:
           Numpy arrays, one row per run: ``runs`` (the run dicts, sweep-major), ``loss`` and
@@ -235,25 +239,31 @@ class NestedTrainer:
           the slowest level's parameters at the end, and ``state``, the final :class:`NestedTrainState`.
         """
         state, runs, keys, hparams = self.init(seeds, sweep, mesh=mesh)
-        chunks = []
-        bar = Progress(self.steps, type(self).__name__, enabled=progress)
-        for c in range(self.steps // self.chunk):
-            state, metrics = self.engine.run(state, keys, hparams)
-            metrics = jax.tree.map(np.asarray, metrics)
-            chunks.append(metrics)
-            loss = metrics["loss"]
-            bar.update(
-                (c + 1) * self.chunk, loss=float(np.nanmean(loss)) if np.isfinite(loss).any() else np.nan
-            )
+
+        def report(c, state, metrics):
             if log is not None:
                 log(
                     {
                         "chunk": c,
                         "step": (c + 1) * self.chunk,
-                        "loss": loss.mean(1),
+                        "loss": metrics["loss"].mean(1),
                         "diverged": np.asarray(state.diverged_step) >= 0,
                     }
                 )
+
+        state, chunks = run_chunks(
+            self.engine,
+            state,
+            keys,
+            hparams,
+            n_chunks=self.steps // self.chunk,
+            steps_per_chunk=self.chunk,
+            checkpoints=checkpoints,
+            mesh=mesh,
+            progress=progress,
+            desc=type(self).__name__,
+            on_chunk=report,
+        )
         out = jax.tree.map(lambda *xs: np.concatenate(xs, 1), *chunks)
         diverged_step = np.asarray(state.diverged_step)
         n = len(runs)

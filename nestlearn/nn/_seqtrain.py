@@ -21,13 +21,14 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from nestlearn.engine import (
+    Checkpoints,
     Engine,
-    Progress,
     check_seeds,
     compile_once,
     nan_unless,
     norms,
     optimizer_values,
+    run_chunks,
     run_keys,
     shard_runs,
 )
@@ -300,6 +301,7 @@ class SeqTrainer:
         mesh: Mesh | None = None,
         log: Callable[[dict[str, Any]], None] | None = None,
         progress: bool | None = None,
+        checkpoints: Checkpoints | None = None,
     ) -> dict[str, Any]:
         """Trains one run per seed, all in one program, and evaluates them.
 
@@ -312,6 +314,10 @@ class SeqTrainer:
             "diverged"}`` (per-run chunk means of the training loss and accuracy, and the diverged mask).
           progress: keyword-only; a progress line (a bar in Jupyter) with an ETA after every chunk;
             ``None`` follows ``NESTLEARN_PROGRESS``.
+          checkpoints: keyword-only; a :class:`nestlearn.engine.Checkpoints`: the state and the per-step
+            losses so far are saved after every chunk (step = chunks done), and a run that finds
+            checkpoints there resumes after the newest one, with results identical to an uninterrupted
+            run (:func:`nestlearn.engine.run_chunks`).
 
         Returns:
           A dict of numpy arrays, one row per run: ``seeds [S]``; ``loss`` and ``acc`` ``[S, steps]``
@@ -323,36 +329,40 @@ class SeqTrainer:
         """
         seeds = check_seeds(seeds)
         keys = self._keys(seeds)
-        state = self.init(seeds, hparams=hparams, mesh=mesh)
-        losses, accs, telemetry = [], [], []
-        bar = Progress(self.steps, type(self).__name__, enabled=progress)
-        for c in range(self.steps // self.chunk):
-            state, metrics = self._chunk(state, keys)
-            loss, acc = np.asarray(metrics["loss"]), np.asarray(metrics["acc"])
-            losses.append(loss)
-            accs.append(acc)
-            bar.update(
-                (c + 1) * self.chunk, loss=float(np.nanmean(loss)) if np.isfinite(loss).any() else np.nan
-            )
-            if "telemetry" in metrics:
-                telemetry.append(jax.tree.map(np.asarray, metrics["telemetry"]))
+        n_chunks = self.steps // self.chunk
+
+        def report(c, state, metrics):
             if log is not None:
                 log(
                     {
                         "chunk": c,
                         "step": (c + 1) * self.chunk,
-                        "loss": loss.mean(1),
-                        "acc": acc.mean(1),
+                        "loss": metrics["loss"].mean(1),
+                        "acc": metrics["acc"].mean(1),
                         "diverged": np.asarray(state.diverged_step) >= 0,
                     }
                 )
-        loss, acc = np.concatenate(losses, 1), np.concatenate(accs, 1)
+
+        state, chunks = run_chunks(
+            self.engine,
+            self.init(seeds, hparams=hparams, mesh=mesh),
+            keys,
+            n_chunks=n_chunks,
+            steps_per_chunk=self.chunk,
+            checkpoints=checkpoints,
+            mesh=mesh,
+            progress=progress,
+            desc=type(self).__name__,
+            on_chunk=report,
+        )
+        loss = np.concatenate([m["loss"] for m in chunks], 1)
+        acc = np.concatenate([m["acc"] for m in chunks], 1)
+        telemetry = [m["telemetry"] for m in chunks if "telemetry" in m]
         ev = self._evaluate(
             state.params, state.buffers, jax.vmap(lambda k: jax.random.fold_in(k, _EVAL))(keys)
         )
         diverged_step = np.asarray(state.diverged_step)
         ev = nan_unless(diverged_step < 0, jax.tree.map(np.asarray, ev))  # a diverged run has no score
-        n_chunks = len(losses)
         return {
             "seeds": np.asarray(seeds),
             "loss": loss,
@@ -377,6 +387,14 @@ class SeqTrainer:
     def _hparams(self, hparams: Mapping[str, Sequence[float]] | None, n: int) -> dict[str, Array]:
         abstract_params = nnx.split(jax.eval_shape(lambda: self.model_fn(nnx.Rngs(0))), nnx.Param, ...)[1]
         return optimizer_values(self.optimizer, abstract_params, hparams or {}, n)
+
+
+def _abstract(tree: Any, mesh: Mesh | None) -> Any:
+    """Shapes and dtypes of a state, with its sharding on a mesh (the target to restore a checkpoint into)."""
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding if mesh is not None else None),
+        tree,
+    )
 
 
 def finite_mean(values: np.ndarray, diverged: np.ndarray) -> tuple[np.ndarray, int]:
