@@ -27,7 +27,8 @@ Setup:    d = 32 inputs, K = 4 tasks, m = 4 outputs. Per seed, a random orthonor
           Test losses are measured after every top-level step: every step for one-level learners, every
           10 steps for two-level ones (curves.npz stores each learner's evaluation period as
           "<name>__every").
-Resume:   by part: a learner whose curves are done (results/parts/<name>.npz) is kept on --resume.
+Resume:   by part: a learner whose curves are done (results/parts/<name>.npz) is kept on --resume; a
+          learner in progress resumes exactly at its last finished task (checkpoints/<name>/).
 """
 
 from __future__ import annotations
@@ -143,9 +144,9 @@ def run(config: Config, rundir: RunDir) -> None:
             curve = rundir.read_arrays(f"parts/{name}")["curve"]
             log(f"[{name}] already finished, loaded results/parts/{name}.npz")
         else:
-            curve = trainer(program, steps).run(list(seeds), progress=False)["eval"][
-                "test"
-            ]  # [S, K*steps/P, K]
+            with rundir.checkpoints(name) as checkpoints:  # one chunk per task, resumed exactly
+                out = trainer(program, steps).run(list(seeds), progress=False, checkpoints=checkpoints)
+            curve = out["eval"]["test"]  # [S, K*steps/P, K]
             rundir.write_arrays(f"parts/{name}", {"curve": curve})
             rundir.mark_done(f"parts/{name}")
         curves[name], every[name] = curve, period
