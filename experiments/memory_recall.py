@@ -14,7 +14,9 @@ Produces: results/mqar.csv (per model, width, setting and seed: state size in fl
           divergence), figures/mqar_state_size, figures/forgetting_mqar, figures/two_languages (pdf and
           png), status.json.
 Resume:   by part: `nestlearn run memory_recall --resume --out DIR` continues a killed run, skipping the
-          parts already finished (forgetting, hope_languages, languages, telemetry, mqar, mqar_attention_lr).
+          parts already finished (forgetting, hope_languages, languages, telemetry, mqar, mqar_attention_lr);
+          inside forgetting, mqar and mqar_attention_lr every model's training resumes exactly at its last
+          chunk (checkpoints/<part>/...).
 Setup:    every model is a 2-layer SequenceModel (embedding, pre-norm blocks of mixer and MLP/CMS channel,
           head), 2 heads, memories with a short convolution and chunks of 16, trained with AdamW (lr 3e-3,
           weight decay 1e-4, optax's default) on the query cross-entropy, 128 query labels per batch
@@ -40,6 +42,7 @@ Setup:    every model is a 2-layer SequenceModel (embedding, pre-norm blocks of 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -139,6 +142,11 @@ def _model_fn(build: Callable, width: int) -> Callable:
     return lambda rngs: build(vocab=VOCAB, d_model=width, rngs=rngs)
 
 
+def _checkpoints(rundir: RunDir | None, name: str):
+    """The run's checkpoints under the run directory (resumed per chunk), or none without one."""
+    return rundir.checkpoints(name) if rundir is not None else contextlib.nullcontext()
+
+
 def _finite(values: np.ndarray, diverged: np.ndarray) -> list[float]:
     """Per-seed values with diverged runs as NaN, so no table or plot averages them in."""
     return [float("nan") if d else float(v) for v, d in zip(values, diverged)]
@@ -147,10 +155,13 @@ def _finite(values: np.ndarray, diverged: np.ndarray) -> list[float]:
 # -- 1. MQAR accuracy against state size ------------------------------------------------------------------
 
 
-def mqar_state_size(scale: Config, log=print, partial: Callable | None = None) -> pd.DataFrame:
+def mqar_state_size(
+    scale: Config, log=print, partial: Callable | None = None, rundir: RunDir | None = None
+) -> pd.DataFrame:
     """Every model at every width on the first setting, at the largest width on the others.
 
-    ``partial(frame)`` is called after every run with the rows so far (the caller saves them)."""
+    ``partial(frame)`` is called after every run with the rows so far (the caller saves them); with a
+    ``rundir`` every run checkpoints after each chunk and resumes from there."""
     rows = []
     for length, pairs in scale.settings:
         batch = LABELS // pairs
@@ -163,7 +174,8 @@ def mqar_state_size(scale: Config, log=print, partial: Callable | None = None) -
                     model_fn, optimizer(), lambda k, s=sample: s(k), steps=scale.steps, chunk=scale.chunk,
                     eval_batches=scale.eval_batches,
                 )  # fmt: skip
-                res = trainer.run_seeds(scale.seeds)
+                with _checkpoints(rundir, f"mqar/{length}x{pairs}/{name}_d{width}") as checkpoints:
+                    res = trainer.run_seeds(scale.seeds, checkpoints=checkpoints)
                 size = nn.state_size(model_fn(nnx.Rngs(0)), length)
                 accs = _finite(res["eval_acc"], res["diverged"])
                 for seed, acc, dstep in zip(scale.seeds, accs, res["diverged_step"]):
@@ -187,7 +199,7 @@ def _describe(values) -> str:
     return f"{ok.mean():.3f} ± {sem:.3f}" + (f" ({left} diverged, left out)" if left else "")
 
 
-def attention_at_its_rate(scale: Config, log=print) -> pd.DataFrame:
+def attention_at_its_rate(scale: Config, log=print, rundir: RunDir | None = None) -> pd.DataFrame:
     """The Transformer at AdamW 1e-3 for 1,500 steps, width 32, every setting (at the shared 3e-3 and 800
     steps some of its seeds stay on the plateau; Zoology tunes the rate per model)."""
     rows = []
@@ -198,7 +210,8 @@ def attention_at_its_rate(scale: Config, log=print) -> pd.DataFrame:
             _model_fn(MODELS["transformer"], scale.widths[-1]), optax.adamw(1e-3), lambda k, s=sample: s(k),
             steps=steps, chunk=min(500, steps), eval_batches=scale.eval_batches,
         )  # fmt: skip
-        res = trainer.run_seeds(scale.seeds)
+        with _checkpoints(rundir, f"mqar_attention_lr/{length}x{pairs}") as checkpoints:
+            res = trainer.run_seeds(scale.seeds, checkpoints=checkpoints)
         accs = _finite(res["eval_acc"], res["diverged"])
         for seed, acc in zip(scale.seeds, accs):
             rows.append({"model": "transformer", "learning_rate": 1e-3, "steps": steps, "length": length,
@@ -225,7 +238,7 @@ def _split_accuracy(trainer: nn.SeqTrainer, params, sample, key, batches: int):
     return hit_r / n_r, hit_u / n_u
 
 
-def forgetting_mqar(scale: Config, log=print) -> pd.DataFrame:
+def forgetting_mqar(scale: Config, log=print, rundir: RunDir | None = None) -> pd.DataFrame:
     sample = functools.partial(
         tasks.forgetting_mqar, batch=BATCH, length=64, pairs=4, reassign=2, vocab=VOCAB
     )
@@ -236,7 +249,8 @@ def forgetting_mqar(scale: Config, log=print) -> pd.DataFrame:
             _model_fn(build, width), optimizer(), lambda k: sample(k), steps=scale.steps, chunk=scale.chunk,
             eval_batches=scale.eval_batches,
         )  # fmt: skip
-        res = trainer.run_seeds(scale.seeds)
+        with _checkpoints(rundir, f"forgetting/{name}") as checkpoints:
+            res = trainer.run_seeds(scale.seeds, checkpoints=checkpoints)
         keys = jnp.stack([jax.random.fold_in(jax.random.key(s), 7) for s in scale.seeds])
         split = jax.jit(
             jax.vmap(lambda p, k, t=trainer: _split_accuracy(t, p, sample, k, scale.eval_batches))
@@ -382,12 +396,12 @@ def run(config: Config, rundir: RunDir) -> None:
 
     # cheapest and most telling first; every part lands on disk as it finishes, and --resume skips the
     # parts already done
-    part("forgetting", lambda: save("forgetting", forgetting_mqar(scale, log)))
+    part("forgetting", lambda: save("forgetting", forgetting_mqar(scale, log, rundir)))
     part("hope_languages", hope)
     part("languages", both_languages)
     part("telemetry", lambda: save("telemetry", telemetry(scale, log)))
-    part("mqar", lambda: save("mqar", mqar_state_size(scale, log, partial=lambda f: save("mqar_partial", f))))
-    part("mqar_attention_lr", lambda: save("mqar_attention_lr", attention_at_its_rate(scale, log)))
+    part("mqar", lambda: save("mqar", mqar_state_size(scale, log, lambda f: save("mqar_partial", f), rundir)))
+    part("mqar_attention_lr", lambda: save("mqar_attention_lr", attention_at_its_rate(scale, log, rundir)))
     figures(rundir.path)
     rundir.mark_complete(vocab=VOCAB)
 
