@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 
 from nestlearn import meta, nn, tasks
-from nestlearn.experiment._rundir import write_json
+from nestlearn.experiment import write_json
 
 HERE = Path(__file__).resolve().parent
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from nestlearn.experiment._rundir import write_json
+from nestlearn.experiment import write_json
 from nestlearn.nn import MemorySpec, initial_state, memory_chunked, memory_scan
 
 HERE = Path(__file__).resolve().parent

@@ -47,7 +47,7 @@ import optax
 from flax import nnx
 
 from nestlearn import nn
-from nestlearn.experiment._rundir import write_json
+from nestlearn.experiment import write_json
 
 HERE = Path(__file__).resolve().parent
 MEMORY_MODELS = (

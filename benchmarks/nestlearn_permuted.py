@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from nestlearn import continual, engine, nn, tasks  # noqa: E402
-from nestlearn.experiment._rundir import write_json  # noqa: E402
+from nestlearn.experiment import write_json  # noqa: E402
 
 
 def make_strategy(args):
