@@ -104,22 +104,20 @@ def train(method: str, k: int, seeds, n_iters: int, chunk: int, log, checkpoints
     trainer = meta.MetaTrainer(learner, outer, lambda key: family.sample(key, META_BATCH), n_iters=chunk)
     state = jax.vmap(trainer.init)(jax.vmap(learner.init)(params))
     keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds, jnp.uint32))
-    record = {"loss": np.full((len(seeds), n_iters), np.nan, np.float32)}
     first = checkpoints.latest() if checkpoints is not None else None
     if first is not None:
-        state, record = checkpoints.restore(first, jax.eval_shape(lambda: state), record)
-        record = {"loss": np.array(record["loss"])}
         log(f"[{method} K={k}] resumed after {first * chunk}/{n_iters} meta-iterations")
-    for c in range(first or 0, n_iters // chunk):
-        state, metrics = trainer.run_seeds(state, keys)
-        record["loss"][:, c * chunk : (c + 1) * chunk] = np.asarray(metrics["loss_post"])
-        if checkpoints is not None:
-            checkpoints.save(c + 1, state, record)
-        done = record["loss"][:, : (c + 1) * chunk]
+
+    def report(c, state, metrics):
         log(
-            f"[{method} K={k}] {(c + 1) * chunk}/{n_iters}: post-adaptation query MSE {done[:, -200:].mean():.3f}"
+            f"[{method} K={k}] {(c + 1) * chunk}/{n_iters}: post-adaptation query MSE "
+            f"{metrics['loss_post'][:, -200:].mean():.3f}"
         )
-    return learner, state, record["loss"]
+
+    state, metrics = trainer.train(
+        state, keys, n_iters // chunk, checkpoints=checkpoints, progress=False, on_chunk=report
+    )
+    return learner, state, metrics["loss_post"]
 
 
 def run_part(method: str, k: int, config: Config, rundir: RunDir) -> dict[str, np.ndarray]:

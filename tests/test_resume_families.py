@@ -1,9 +1,9 @@
 """Kill and resume, family by family: a real process is SIGKILLed after a chunk's checkpoint, rerun, and
 must end with results bit-identical to an uninterrupted run (engine.run_chunks under every host loop).
 
-Covered here: sequence training (``nn.SeqTrainer``) and nested levels (``levels.NestedTrainer``). The
-continual family is drilled in test_experiment.py (per task), online regression and meta-training through
-their experiments there too.
+Covered here: sequence training (``nn.SeqTrainer.run_seeds``), nested levels (``levels.NestedTrainer.run``)
+and meta-training (``meta.MetaTrainer.train``). The continual family (per task) and online regression (per
+bin, through loss_of_plasticity) are drilled in test_experiment.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     """
     import sys, time
     import jax, jax.numpy as jnp, numpy as np, optax
-    from nestlearn import engine, levels, nn, tasks
+    from nestlearn import engine, levels, meta, nn, tasks
 
     family, ckpt, out = sys.argv[1], sys.argv[2], sys.argv[3]
 
@@ -40,6 +40,19 @@ SCRIPT = textwrap.dedent(
             )
             res = trainer.run_seeds([0, 1], log=log, progress=False, checkpoints=checkpoints)
             arrays = {k: res[k] for k in ("loss", "acc", "eval_acc", "eval_loss", "diverged_step")}
+        elif family == "meta":
+            apply, params = meta.functional(nn.MLP(1, (8,), 1, rngs=__import__("flax").nnx.Rngs(0)))
+            maml = meta.MAML(meta.mse_loss(apply), optax.sgd(0.01), steps=1)
+            sines = tasks.Sinusoid(k_support=5, k_query=5)
+            trainer = meta.MetaTrainer(maml, optax.sgd(1e-2), lambda key: sines.sample(key, 4), n_iters=3,
+                                       compiler_options=fast)
+            states = jax.vmap(trainer.init)(jax.tree.map(lambda p: jnp.stack([p, p * 0.5]), maml.init(params)))
+            states, m = trainer.train(
+                states, engine.run_keys([0, 1]), 4, checkpoints=checkpoints, progress=False,
+                on_chunk=lambda c, s, mm: log({"chunk": c}),
+            )
+            arrays = {"loss_post": m["loss_post"], "grad_norm": m["grad_norm"],
+                      **{str(i): x for i, x in enumerate(jax.tree.leaves(states.meta_params))}}
         else:
             x = jax.random.normal(jax.random.key(5), (12, 4, 3))
             y = x @ jnp.arange(3.0)
@@ -82,7 +95,7 @@ def _run(args, env, kill_after=None):
     return proc.returncode, lines, proc.stderr.read()
 
 
-@pytest.mark.parametrize("family", ["seq", "nested"])
+@pytest.mark.parametrize("family", ["seq", "nested", "meta"])
 def test_killed_after_a_chunk_resumes_bit_identically(family, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "NESTLEARN_PROGRESS": "0"}
     env["XLA_FLAGS"] = ""  # one device: the runs are not sharded here
@@ -104,4 +117,4 @@ def test_killed_after_a_chunk_resumes_bit_identically(family, tmp_path):
         assert sorted(a.files) == sorted(b.files)
         for name in a.files:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-        assert np.isfinite(a["loss"]).all()
+        assert np.isfinite(a["loss" if "loss" in a.files else "loss_post"]).all()

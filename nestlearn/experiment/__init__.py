@@ -11,6 +11,7 @@ Public run-directory API (a study in Python writes what ``nestlearn run`` writes
 
 from nestlearn.experiment._cli import load_experiment
 from nestlearn.experiment._config import (
+    REGISTRY,
     DataConfig,
     ExperimentConfig,
     ModelConfig,
@@ -47,6 +48,7 @@ __all__ = [
     "ExperimentConfig",
     "ModelConfig",
     "OptimConfig",
+    "REGISTRY",
     "RunDir",
     "RunOutput",
     "SweepConfig",

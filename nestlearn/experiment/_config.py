@@ -20,18 +20,39 @@ from nestlearn.continual import (
     MAS,
     SI,
     ContinualBackprop,
+    Joint,
     L2Init,
     LwF,
+    Naive,
     Replay,
     ShrinkAndPerturb,
+    Strategy,
     WeightInterpolation,
 )
 
 StreamName = Literal["permuted_mnist", "rotated_mnist", "split_mnist", "split_digits"]
-StrategyName = Literal[
-    "naive", "joint", "ewc", "online_ewc", "si", "mas", "l2init", "lwf", "replay", "agem", "derpp",
-    "shrink_perturb", "interpolation", "cbp",
-]  # fmt: skip
+
+# The strategies an experiment can compare, each named once, as an instance at its default
+# hyperparameters. Everything else derives from this table: the names ``strategies`` accepts, one config
+# section per strategy (``--set ewc.lam=1000``) and one sweep field per strategy with a ``strength``
+# (``--set sweep.ewc=1,10,100``). A new strategy is one line here.
+REGISTRY: dict[str, Strategy] = {
+    "naive": Naive(),
+    "joint": Joint(),
+    "ewc": EWC(lam=100.0),
+    "online_ewc": EWC(lam=100.0, online=True, gamma=1.0),
+    "si": SI(c=1.0),
+    "mas": MAS(lam=1.0),
+    "l2init": L2Init(lam=0.01),
+    "lwf": LwF(alpha=1.0),
+    "replay": Replay(buffer_size=500),
+    "agem": AGEM(memory_size=500),
+    "derpp": DERPP(buffer_size=500),
+    "shrink_perturb": ShrinkAndPerturb(shrink=0.9, noise=0.01),
+    "interpolation": WeightInterpolation(alpha=0.5),
+    "cbp": ContinualBackprop(),
+}
+StrategyName = Literal[tuple(REGISTRY)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,51 +103,46 @@ class TrainSpec:
     evals_per_task: int = 5
 
 
-@dataclasses.dataclass(frozen=True)
-class SweepConfig:
-    """Values to sweep per strategy, along the hyperparameter its class names ``strength``.
+SweepConfig = dataclasses.make_dataclass(
+    "SweepConfig",
+    [
+        (name, tuple[float, ...], dataclasses.field(default=()))
+        for name, strategy in REGISTRY.items()
+        if getattr(type(strategy), "strength", None)
+    ],
+    frozen=True,
+)
+SweepConfig.__module__ = __name__
+SweepConfig.__doc__ = """Values to sweep per strategy (one field per strategy of :data:`REGISTRY` that has a
+``strength``), along the hyperparameter its class names ``strength``.
 
-    Swept values of one strategy run as one program (a vmapped axis next to the seeds); an empty tuple
-    runs the strategy at the value of its config section.
-    """
+Swept values of one strategy run as one program (a vmapped axis next to the seeds); an empty tuple runs the
+strategy at the value of its config section.
+"""
 
-    ewc: tuple[float, ...] = ()
-    online_ewc: tuple[float, ...] = ()
-    si: tuple[float, ...] = ()
-    mas: tuple[float, ...] = ()
-    l2init: tuple[float, ...] = ()
-    lwf: tuple[float, ...] = ()
-    derpp: tuple[float, ...] = ()
-    shrink_perturb: tuple[float, ...] = ()
-    interpolation: tuple[float, ...] = ()
-    cbp: tuple[float, ...] = ()
+ExperimentConfig = dataclasses.make_dataclass(
+    "ExperimentConfig",
+    [
+        ("data", DataConfig, dataclasses.field(default=DataConfig())),
+        ("model", ModelConfig, dataclasses.field(default=ModelConfig())),
+        ("optim", OptimConfig, dataclasses.field(default=OptimConfig())),
+        ("train", TrainSpec, dataclasses.field(default=TrainSpec())),
+        ("strategies", tuple[StrategyName, ...], dataclasses.field(default=("naive", "joint"))),
+        # One section per strategy: its fields, e.g. --set ewc.lam=1000.
+        *((name, type(strategy), dataclasses.field(default=strategy)) for name, strategy in REGISTRY.items()),
+        ("sweep", SweepConfig, dataclasses.field(default=SweepConfig())),
+        ("seeds", int, dataclasses.field(default=5)),
+        ("first_seed", int, dataclasses.field(default=0)),
+    ],
+    frozen=True,
+)
+ExperimentConfig.__module__ = __name__
+ExperimentConfig.__doc__ = """A whole experiment: a stream, a model, an optimizer, the strategies to compare, the seeds.
 
-
-@dataclasses.dataclass(frozen=True)
-class ExperimentConfig:
-    """A whole experiment: a stream, a model, an optimizer, the strategies to compare, the seeds."""
-
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    optim: OptimConfig = OptimConfig()
-    train: TrainSpec = TrainSpec()
-    strategies: tuple[StrategyName, ...] = ("naive", "joint")
-    # One section per strategy with hyperparameters: its fields, e.g. --set ewc.lam=1000.
-    ewc: EWC = EWC(lam=100.0)
-    online_ewc: EWC = EWC(lam=100.0, online=True, gamma=1.0)
-    si: SI = SI(c=1.0)
-    mas: MAS = MAS(lam=1.0)
-    l2init: L2Init = L2Init(lam=0.01)
-    lwf: LwF = LwF(alpha=1.0)
-    replay: Replay = Replay(buffer_size=500)
-    agem: AGEM = AGEM(memory_size=500)
-    derpp: DERPP = DERPP(buffer_size=500)
-    shrink_perturb: ShrinkAndPerturb = ShrinkAndPerturb(shrink=0.9, noise=0.01)
-    interpolation: WeightInterpolation = WeightInterpolation(alpha=0.5)
-    cbp: ContinualBackprop = ContinualBackprop()
-    sweep: SweepConfig = SweepConfig()
-    seeds: int = 5
-    first_seed: int = 0
+Its strategy sections and its sweep are derived from :data:`REGISTRY` (each strategy named once): the
+section ``config.ewc`` is the ``EWC`` instance the name ``"ewc"`` runs, ``config.sweep.ewc`` the values of
+its ``strength`` to sweep.
+"""
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -25,17 +25,13 @@ from nestlearn.continual._engine import task_progress
 from nestlearn.experiment import _rundir
 from nestlearn.experiment._config import ExperimentConfig, validate
 
-STRATEGIES: dict[str, Callable[[], continual.Strategy]] = {"naive": continual.Naive, "joint": continual.Joint}
-
 
 def strategy_and_sweep(
     config: ExperimentConfig, name: str
 ) -> tuple[continual.Strategy, dict[str, tuple[float, ...]]]:
     """The strategy a config names, with its hyperparameters from the config section of the same name
     (``config.ewc`` for ``"ewc"``) when it has one, and the values to sweep (``config.sweep.<name>``)."""
-    strategy = getattr(config, name, None)
-    if not isinstance(strategy, continual.Strategy):
-        strategy = STRATEGIES[name]()
+    strategy = getattr(config, name)
     values = tuple(getattr(config.sweep, name, ()) or ())
     if not values:
         return strategy, {}

@@ -7,10 +7,11 @@ from collections.abc import Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
-from nestlearn.engine import Engine, Guard, norms
+from nestlearn.engine import Checkpoints, Engine, Guard, norms, run_chunks
 from nestlearn.meta._base import MetaLearner, MetaParams
 from nestlearn.tasks._meta import TaskBatch
 
@@ -41,7 +42,8 @@ class MetaTrainer:
     Every iteration draws a batch of tasks with ``sample_tasks(fold_in(key, step))``, takes the
     learner's meta-gradient (tasks vmapped inside) and applies the outer optimizer; the iterations of a
     chunk run on :class:`nestlearn.engine.Engine` (``lax.scan`` inside one ``jit``, the engine's
-    divergence policy: a non-finite post-adaptation loss or meta-gradient freezes the run). :meth:`run` and :meth:`run_seeds` compile once
+    divergence policy: the first iteration with a non-finite post-adaptation loss, meta-gradient or update
+    is recorded and every later metric is NaN). :meth:`run` and :meth:`run_seeds` compile once
     and are called again for every chunk (the state is donated: use the returned one). The learner is
     an argument of the compiled call, so its leaves (iMAML's ``lam``) are traced, not baked in.
 
@@ -85,7 +87,9 @@ class MetaTrainer:
             self.step,
             length=n_iters,
             in_axes=(None, 0),
-            guard=guard or Guard(loss="loss_post"),
+            # Divergence recorded, later metrics NaN; no per-iteration select over the state (the Learner's
+            # choice too): it cost 5-10% of a sine meta-iteration.
+            guard=guard or Guard(loss="loss_post", freeze=False),
             compiler_options=compiler_options,
         )
         self._run = self.engine._single
@@ -146,6 +150,44 @@ class MetaTrainer:
         Metrics come back as ``[seeds, n_iters]``.
         """
         return self.engine.run(states, self.learner, keys)
+
+    def train(
+        self,
+        states: MetaTrainState,
+        keys: PRNGKeyArray,
+        n_chunks: int,
+        *,
+        checkpoints: Checkpoints | None = None,
+        progress: bool | None = None,
+        on_chunk: Callable[[int, MetaTrainState, dict], None] | None = None,
+    ) -> tuple[MetaTrainState, dict[str, np.ndarray]]:
+        """``n_chunks`` calls of :meth:`run_seeds` on the engine's host loop (:func:`nestlearn.engine.run_chunks`).
+
+        Args:
+          states: every seed's state (leading seed axis); donated.
+          keys: one key per seed.
+          n_chunks: chunks of ``n_iters`` meta-iterations to run in all.
+          checkpoints: keyword-only; a :class:`nestlearn.engine.Checkpoints` saved after every chunk; a run
+            that finds one there resumes after the newest, with results identical to an uninterrupted run.
+          progress: keyword-only; a progress line with an ETA (``None`` follows ``NESTLEARN_PROGRESS``).
+          on_chunk: keyword-only; ``on_chunk(c, states, metrics)`` on the host after chunk ``c``.
+
+        Returns:
+          The final states and every iteration's metrics, ``{name: [seeds, n_chunks * n_iters]}`` (numpy).
+        """
+        states, chunks = run_chunks(
+            self.engine,
+            states,
+            self.learner,
+            keys,
+            n_chunks=n_chunks,
+            steps_per_chunk=self.n_iters,
+            checkpoints=checkpoints,
+            progress=progress,
+            desc=type(self.learner).__name__,
+            on_chunk=on_chunk,
+        )
+        return states, {k: np.concatenate([m[k] for m in chunks], 1) for k in chunks[0]}
 
 
 def meta_train(
