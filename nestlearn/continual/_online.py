@@ -22,7 +22,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from nestlearn._errors import ConfigError
 from nestlearn.continual._strategy import Batch, Context, Naive, Params, Strategy
-from nestlearn.engine import Checkpoints, Engine, Progress, check_seeds, compile_once, run_keys
+from nestlearn.engine import Checkpoints, Engine, check_seeds, compile_once, run_chunks, run_keys
 from nestlearn.metrics._plasticity import dead_unit_fraction, weight_magnitude
 from nestlearn.nn._mlp import MLP
 from nestlearn.tasks._plasticity import RegressionState, SlowlyChangingRegression
@@ -124,24 +124,20 @@ def run_online_regression(
     init, engine = _programs(problem, hidden, float(lr), bin, jax.tree.structure(strategy))
     keys = run_keys(seeds)
     n_bins = steps // bin
-    names = ("error", "dead_fraction", "weight_magnitude")
-    arrays = {k: np.full((len(seeds), n_bins), np.nan, np.float32) for k in names}
-    first = checkpoints.latest() if checkpoints is not None else None
-    if first is not None:  # resume: the carry after bin `first`, restored into the shapes of a fresh one
-        if not 0 < first <= n_bins:
-            raise ConfigError(f"checkpoint {first} does not fit a run of {n_bins} bins")
-        carry, record = checkpoints.restore(first, jax.eval_shape(init, keys, strategy), arrays)
-        arrays = {k: np.array(record[k], np.float32) for k in names}
-    else:
-        first, carry = 0, init(keys, strategy)
-    progress = Progress(n_bins, "online regression", enabled=progress)
-    for b in range(first, n_bins):  # one compiled bin per call
-        carry, bin_measures = engine.run(carry, strategy)
-        for k in names:
-            arrays[k][:, b] = np.asarray(bin_measures[k])
-        if checkpoints is not None:
-            checkpoints.save(b + 1, carry, arrays)
-        progress.update(b + 1, error=float(np.nanmean(arrays["error"][:, b])))
+    latest = checkpoints.latest() if checkpoints is not None else None
+    if latest is not None and not 0 < latest <= n_bins:
+        raise ConfigError(f"checkpoint {latest} does not fit a run of {n_bins} bins")
+    # One compiled bin per call on the engine's host loop (progress, checkpoint per bin, exact resume).
+    carry, bins = run_chunks(
+        engine,
+        init(keys, strategy),
+        strategy,
+        n_chunks=n_bins,
+        checkpoints=checkpoints,
+        progress=progress,
+        desc="online regression",
+    )
+    arrays = {k: np.stack([m[k] for m in bins], 1) for k in ("error", "dead_fraction", "weight_magnitude")}
     return OnlineResult(
         error=arrays["error"],
         dead_fraction=arrays["dead_fraction"],

@@ -283,6 +283,7 @@ def run_chunks(
     progress: bool | None = None,
     desc: str = "",
     on_chunk: Callable | None = None,
+    log: Callable | None = None,
 ):
     """The host loop every family shares: ``n_chunks`` calls of ``engine``, progress, checkpoints, resume.
 
@@ -303,6 +304,8 @@ def run_chunks(
       progress: keyword-only; a progress line per chunk (``None`` follows ``NESTLEARN_PROGRESS``).
       desc: keyword-only; the progress line's label.
       on_chunk: keyword-only; ``on_chunk(c, state, metrics)`` on the host after chunk ``c``.
+      log: keyword-only; ``log(info)`` after every chunk with ``{"chunk", "step", "diverged"}`` and the
+        per-run chunk mean of each of the metrics ``"loss"`` and ``"acc"`` the chunk reports.
 
     Returns:
       ``(state, chunks)``: the final state and each chunk's metrics (numpy, ``[runs, length, ...]``).
@@ -340,12 +343,19 @@ def run_chunks(
             record[f"m{i}"][c] = np.asarray(leaf)
         if checkpoints is not None:
             checkpoints.save(c + 1, state, record)
-        loss = np.asarray(chunk(c)[engine.guard.loss], np.float64)
-        bar.update(
-            (c + 1) * steps_per_chunk, loss=float(np.nanmean(loss)) if np.isfinite(loss).any() else np.nan
-        )
+        metrics = chunk(c)
+        if engine.guard.loss in metrics:
+            loss = np.asarray(metrics[engine.guard.loss], np.float64)
+            shown = float(np.nanmean(loss)) if np.isfinite(loss).any() else np.nan
+            bar.update((c + 1) * steps_per_chunk, loss=shown)
+        else:  # a chunk that reduced its losses away (online regression's bins) reports progress alone
+            bar.update((c + 1) * steps_per_chunk)
         if on_chunk is not None:
             on_chunk(c, state, chunk(c))
+        if log is not None:
+            info = {"chunk": c, "step": (c + 1) * steps_per_chunk}
+            info.update({k: np.asarray(metrics[k]).mean(1) for k in ("loss", "acc") if k in metrics})
+            log({**info, "diverged": np.asarray(state.diverged_step) >= 0})
     if checkpoints is not None:
         checkpoints.wait()
     return state, [chunk(c) for c in range(n_chunks)]

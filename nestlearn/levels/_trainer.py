@@ -240,17 +240,6 @@ class NestedTrainer:
         """
         state, runs, keys, hparams = self.init(seeds, sweep, mesh=mesh)
 
-        def report(c, state, metrics):
-            if log is not None:
-                log(
-                    {
-                        "chunk": c,
-                        "step": (c + 1) * self.chunk,
-                        "loss": metrics["loss"].mean(1),
-                        "diverged": np.asarray(state.diverged_step) >= 0,
-                    }
-                )
-
         state, chunks = run_chunks(
             self.engine,
             state,
@@ -262,7 +251,7 @@ class NestedTrainer:
             mesh=mesh,
             progress=progress,
             desc=type(self).__name__,
-            on_chunk=report,
+            log=log,
         )
         out = jax.tree.map(lambda *xs: np.concatenate(xs, 1), *chunks)
         diverged_step = np.asarray(state.diverged_step)

@@ -331,18 +331,6 @@ class SeqTrainer:
         keys = self._keys(seeds)
         n_chunks = self.steps // self.chunk
 
-        def report(c, state, metrics):
-            if log is not None:
-                log(
-                    {
-                        "chunk": c,
-                        "step": (c + 1) * self.chunk,
-                        "loss": metrics["loss"].mean(1),
-                        "acc": metrics["acc"].mean(1),
-                        "diverged": np.asarray(state.diverged_step) >= 0,
-                    }
-                )
-
         state, chunks = run_chunks(
             self.engine,
             self.init(seeds, hparams=hparams, mesh=mesh),
@@ -353,7 +341,7 @@ class SeqTrainer:
             mesh=mesh,
             progress=progress,
             desc=type(self).__name__,
-            on_chunk=report,
+            log=log,
         )
         loss = np.concatenate([m["loss"] for m in chunks], 1)
         acc = np.concatenate([m["acc"] for m in chunks], 1)
