@@ -234,12 +234,11 @@ class Learner:
         self, params: Params, x: Float[Array, "b d"], model_state: PyTree = None
     ) -> Float[Array, "b c"]:
         """The model as a pure function of its parameters, in eval mode."""
-        return self.fn.eval(params, model_state if model_state is not None else self._empty_state(), x)
-
-    def _empty_state(self):
-        if self.fn.stateful:
-            raise ValueError("this model has non-parameter state: pass model_state")
-        return self.fn.abstract_rest
+        if model_state is None and self.fn.stateful:
+            raise ValueError(
+                "this model has non-parameter state (batch statistics, RNG streams): pass model_state"
+            )
+        return self.fn.eval(params, model_state, x)
 
     def _init_optimizer(self, params: Params, opt_hparams: dict[str, Array]) -> optax.OptState:
         opt_state = self.optimizer.init(params)

@@ -216,17 +216,14 @@ class Engine:
         ``args`` are the step's arguments, followed by the step count when ``length`` is ``None``.
         """
         self.n_traces += 1
-        start = state
+        start, count = state, None
+        if self.length is None:
+            *args, count = args
         if self.prepare is not None:
-            if self.length is None:
-                *args, count = args
-                args = (*self.prepare(state, *args), count)
-            else:
-                args = self.prepare(state, *args)
-        if self.length is not None:
+            args = self.prepare(state, *args)
+        if count is None:
             state, metrics = jax.lax.scan(lambda s, _: self._guarded(s, *args), state, length=self.length)
         else:
-            *args, count = args
             state, metrics = self._loop(state, args, count)
         if self.reduce is not None:
             metrics = self.reduce(metrics)
