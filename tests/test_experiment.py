@@ -57,6 +57,10 @@ def cli(args, capsys):
         (["strategies=naive,ewk"], "strategies: 'ewk' is not one of 'naive', 'joint', 'ewc'"),
         (["data.stream=split_mnist", "data.n_tasks=6"], "n_tasks"),
         (["optim.reset_per_task=maybe"], "optim.reset_per_task: expected true or false"),
+        # Checked by the learner before the run directory is made: strengths and sweeps of every strategy.
+        (["strategies=naive,ewc", "ewc.lam=-5"], "EWC.lam must be finite and non-negative, got -5.0"),
+        (["strategies=ewc", "ewc.lam=nan"], "EWC.lam must be finite and non-negative, got nan"),
+        (["strategies=si", "sweep.si=1,-1"], "SI.c must be finite and non-negative, got -1.0"),
     ],
 )
 def test_bad_config_gets_one_line_error_and_writes_nothing(tmp_path, capsys, sets, expected):

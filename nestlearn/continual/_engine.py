@@ -435,11 +435,12 @@ class Learner:
         if field is None:
             return
         values = strategy_values.get(field, np.asarray(getattr(self.strategy, field, 0.0), np.float32))
-        values = np.asarray(values, np.float64)
-        if not np.isfinite(values).all() or (values < 0).any():
+        values = np.asarray(values, np.float64).ravel()
+        bad = [v for v in dict.fromkeys(values.tolist()) if not (np.isfinite(v) and v >= 0)]
+        if bad:
             raise ConfigError(
                 f"{type(self.strategy).__name__}.{field} must be finite and non-negative, got "
-                f"{values.ravel().tolist() if values.ndim else float(values)}"
+                f"{', '.join(repr(v) for v in bad)}"
             )
 
     def _stack_init_params(self, init_params: Params, n: int) -> Params:
@@ -475,7 +476,11 @@ class Learner:
     def abstract_state(
         self, stream: TaskStream, seeds: Sequence[int], hparams: Mapping[str, Sequence[float]] | None = None
     ) -> RunState:
-        """Shapes and dtypes of the state of these runs, without allocating (to restore into)."""
+        """Shapes and dtypes of the state of these runs, without allocating (to restore into).
+
+        Checks what :meth:`init` checks (the model against the stream, seeds, hyperparameters) first.
+        """
+        self._check_stream(stream)
         keys, strategies, opt_hparams = self._run_inputs(seeds, hparams or {})
         return jax.eval_shape(
             jax.vmap(self._init_one, in_axes=(0, 0, 0, None, None)),

@@ -116,11 +116,17 @@ def run_experiment(
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     config = validate(config)
     stream = build_stream(config)
+    seeds = list(range(config.first_seed, config.first_seed + config.seeds))
+    for name in config.strategies:  # every strategy's runs checked (strengths, sweeps, model fit) first
+        sweep = strategy_and_sweep(config, name)[1]
+        runs = engine.run_grid(seeds, sweep)
+        build_learner(config, stream, name).abstract_state(
+            stream, [r["seed"] for r in runs], {k: [r[k] for r in runs] for k in sweep}
+        )
     rundir = _rundir.RunDir.create(
         out, config, experiment=experiment, quick=quick, resume=resume, force=force
     )
     out = rundir.path
-    seeds = list(range(config.first_seed, config.first_seed + config.seeds))
     n_tasks = stream.n_tasks
     total_units = n_tasks * len(config.strategies)
     results: dict[str, StreamResult] = {}
