@@ -1,9 +1,9 @@
 """nestlearn: a JAX platform for models that keep learning after deployment."""
 
-from nestlearn._errors import ConfigError, DataError, NestlearnError
+from nestlearn._errors import CheckpointError, ConfigError, DataError, NestlearnError, OperatingError
 from nestlearn.engine._cache import enable_compilation_cache
 
 # JAX's persistent compilation cache, on by default (see nestlearn.engine.enable_compilation_cache).
 COMPILATION_CACHE = enable_compilation_cache()
 
-__all__ = ["COMPILATION_CACHE", "ConfigError", "DataError", "NestlearnError"]
+__all__ = ["COMPILATION_CACHE", "CheckpointError", "ConfigError", "DataError", "NestlearnError", "OperatingError"]

@@ -11,3 +11,11 @@ class ConfigError(NestlearnError, ValueError):
 
 class DataError(NestlearnError, ValueError):
     """A data file is missing or corrupt, or a dataset cannot supply what was asked of it."""
+
+
+class CheckpointError(NestlearnError):
+    """No checkpoint of a run can be trusted (every one is damaged), or one cannot be read back."""
+
+
+class OperatingError(NestlearnError, OSError):
+    """The machine refused an operation: a full disk, a read-only or missing directory, a file in the way."""

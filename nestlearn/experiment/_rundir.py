@@ -354,7 +354,7 @@ class RunDir:
         tables = tidy_tables(results)
         return dict(zip(tables, write_tables(self.results, tables)))
 
-    def checkpoints(self, part: str = "", *, keep: int = 2):
+    def checkpoints(self, part: str = "", *, keep: int = 3):
         """An :class:`nestlearn.engine.Checkpoints` under ``checkpoints/`` (``checkpoints/<part>``).
 
         Use it as a context manager; ``latest()`` is ``None`` in a fresh run and the last saved chunk in
