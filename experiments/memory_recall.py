@@ -89,6 +89,12 @@ class Config:
             raise ConfigError(f"lengths {self.lengths} and pairs {self.pairs} must be non-empty and pair up")
         if not self.seeds or not self.widths:
             raise ConfigError("seeds and widths must each name at least one")
+        for name in ("widths", "lengths", "pairs"):
+            if any(v <= 0 for v in getattr(self, name)):
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("chunk", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("steps", "language_steps"):  # trained in chunks of `chunk`
             if getattr(self, name) <= 0 or getattr(self, name) % self.chunk:
                 raise ConfigError(

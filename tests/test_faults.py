@@ -188,3 +188,90 @@ def test_a_killed_write_without_manifest_resumes_from_the_previous_checkpoint(pr
 def test_keep_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="keep must be a positive int"):
         engine.Checkpoints(tmp_path, keep=0)
+
+
+# -- bad inputs: one line, exit code 2, nothing written ----------------------------------------------------
+
+PERMUTED = "permuted_mnist_forgetting"
+BAD_INPUTS = [
+    (PERMUTED, "ewc.lam=-5", "ewc.lam"),
+    (PERMUTED, "ewc.lam=nan", "ewc.lam"),
+    (PERMUTED, "ewc.lam=inf", "ewc.lam"),
+    (PERMUTED, "optim.lr=inf", "optim.lr"),
+    (PERMUTED, "optim.lr=1e999", "optim.lr"),
+    (PERMUTED, "optim.lr=0", "optim.lr"),
+    (PERMUTED, "optim.lr=-0.1", "optim.lr"),
+    (PERMUTED, "optim.lr=fast", "optim.lr"),
+    (PERMUTED, "optim.momentum=1", "optim.momentum"),
+    (PERMUTED, "optim.momentum=-0.5", "optim.momentum"),
+    (PERMUTED, "optim.name=lion", "optim.name"),
+    (PERMUTED, "optim.reset_per_task=maybe", "optim.reset_per_task"),
+    (PERMUTED, "train.epochs=inf", "train.epochs"),
+    (PERMUTED, "train.epochs=1e12", "train"),
+    (PERMUTED, "train.epochs=0", "train.epochs"),
+    (PERMUTED, "train.epochs=-1", "train.epochs"),
+    (PERMUTED, "train.steps_per_task=-3", "train.steps_per_task"),
+    (PERMUTED, "train.steps_per_task=3000000000", "train.steps_per_task"),
+    (PERMUTED, "train.batch_size=100000000", "train.batch_size"),
+    (PERMUTED, "train.batch_size=0", "train.batch_size"),
+    (PERMUTED, "train.batch_size=1.5", "train.batch_size"),
+    (PERMUTED, "train.evals_per_task=0", "train.evals_per_task"),
+    (PERMUTED, "model.hidden=100000000", "model.hidden"),
+    (PERMUTED, "model.hidden=0", "model.hidden"),
+    (PERMUTED, "model.hidden=-8", "model.hidden"),
+    (PERMUTED, "model.init=xavier", "model.init"),
+    (PERMUTED, "data.n_tasks=1000000", "data.n_tasks"),
+    (PERMUTED, "data.n_tasks=0", "data.n_tasks"),
+    (PERMUTED, "data.stream=cifar", "data.stream"),
+    (PERMUTED, "data.scenario=open", "data.scenario"),
+    (PERMUTED, "data.seed=-1", "data.seed"),
+    (PERMUTED, "data.seed=4294967296", "data.seed"),
+    (PERMUTED, "seeds=100000000", "seeds"),
+    (PERMUTED, "seeds=0", "seeds"),
+    (PERMUTED, "seeds=-2", "seeds"),
+    (PERMUTED, "first_seed=4294967295", "seeds"),
+    (PERMUTED, "first_seed=-1", "first_seed"),
+    (PERMUTED, "strategies=naive,naive", "strategies"),
+    (PERMUTED, "strategies=naive,magic", "strategies"),
+    (PERMUTED, "sweep.ewc=1,-1", "sweep.ewc"),
+    (PERMUTED, "sweep.ewc=1,nan", "sweep.ewc"),
+    (PERMUTED, "sweep.si=1", "sweep.si"),
+    (PERMUTED, "si.c=-1", "si.c"),
+    (PERMUTED, "replay.buffer_size=-5", "replay.buffer_size"),
+    (PERMUTED, "lwf.alpha=-1", "lwf.alpha"),
+    (PERMUTED, "mas.lam=inf", "mas.lam"),
+    (PERMUTED, "nosuch=1", "nosuch"),
+    (PERMUTED, "optim.nosuch=1", "optim.nosuch"),
+    ("split_mnist_class_forgetting", "data.n_tasks=11", "n_tasks"),
+    ("loss_of_plasticity", "steps=0", "steps"),
+    ("loss_of_plasticity", "bin=7", "bin"),
+    ("loss_of_plasticity", "seeds=4294967296", "seeds"),
+    ("loss_of_plasticity", "steps=99999999999", "steps"),
+    ("maml_sinusoid", "n_iters=0", "n_iters"),
+    ("maml_sinusoid", "seeds=-1", "seeds"),
+    ("orthogonal_regression", "steps_per_task=0", "steps_per_task"),
+    ("orthogonal_regression", "seeds=nan", "seeds"),
+    ("memory_recall", "steps=0", "steps"),
+    ("memory_recall", "widths=0", "widths"),
+    ("memory_recall", "seeds=", "seeds"),
+    ("cms_streams", "bases=inf", "bases"),
+    ("cms_streams", "n_tasks=0", "n_tasks"),
+    ("maml_continual", "n_iters=-1", "n_iters"),
+]
+
+
+@pytest.mark.parametrize(("experiment", "assignment", "names"), BAD_INPUTS, ids=[b for _, b, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, experiment, assignment, names):
+    from nestlearn.experiment._cli import main
+
+    out = tmp_path / "run"
+    rc = main(["run", experiment, "--quick", "--set", assignment, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("nestlearn: error:") and "Traceback" not in err
+    assert names.lower() in err.lower(), err
+    assert not out.exists()
+
+
+def test_the_bad_input_table_is_large_and_distinct():
+    assert len({(e, a) for e, _a, _ in BAD_INPUTS for a in [_a]}) == len(BAD_INPUTS) >= 50

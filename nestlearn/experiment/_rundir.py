@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,13 @@ def atomic_write(path: Path, write: Any, mode: str = "w") -> Path:
     """Writes ``path`` through a temporary file in the same directory and ``os.replace``.
 
     ``write`` is a string/bytes, or a callable taking the open file. A reader never sees a half-written
-    file, and a failure leaves any previous version untouched.
+    file, and a failure leaves any previous version untouched. The file's mode follows the umask, as
+    ``open()``'s does (``tempfile.mkstemp`` alone would make it 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
     try:
         with os.fdopen(fd, mode) as f:
             if callable(write):
@@ -85,10 +87,11 @@ def tidy_tables(results: dict[str, StreamResult]) -> dict[str, pd.DataFrame]:
     Every table has a column per key of ``result.runs`` (the seed, and in a sweep the hyperparameters).
 
     Returns:
-      ``accuracy_matrix`` (strategy, seed, trained_task, eval_task, accuracy), ``curves`` (strategy,
-      seed, point, step, trained_task, eval_task, accuracy, diverged), ``summary`` (strategy, seed, one
+      ``accuracy_matrix`` (strategy, seed, trained_task, eval_task, accuracy, diverged_step), ``curves``
+      (strategy, seed, point, step, trained_task, eval_task, accuracy, diverged, diverged_step), ``summary`` (strategy, seed, one
       column per metric of :func:`nestlearn.metrics.summary`, diverged_step). A diverged seed keeps its rows
-      with ``diverged`` set, and its summary metrics are NaN, so no average can silently include it.
+      with ``diverged`` and the step it diverged at (``diverged_step``, -1 for none), its accuracies after
+      that step are NaN (empty in the CSV), and its summary metrics are NaN, so no average can silently include it.
     """
     acc_rows, curve_frames, summary_rows = [], [], []
     for name, r in results.items():
@@ -103,6 +106,7 @@ def tidy_tables(results: dict[str, StreamResult]) -> dict[str, pd.DataFrame]:
                     "trained_task": ti.ravel(),
                     "eval_task": tj.ravel(),
                     "accuracy": r.acc_matrix.ravel(),
+                    "diverged_step": r.diverged_step[si.ravel()],
                 }
             )
         )
@@ -119,6 +123,7 @@ def tidy_tables(results: dict[str, StreamResult]) -> dict[str, pd.DataFrame]:
                     "eval_task": tj.ravel(),
                     "accuracy": r.curve_acc.ravel(),
                     "diverged": r.diverged[si.ravel()],
+                    "diverged_step": r.diverged_step[si.ravel()],
                 }
             )
         )
