@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 from test_run_engine import counter, grow
 
@@ -275,3 +276,123 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, expe
 
 def test_the_bad_input_table_is_large_and_distinct():
     assert len({(e, a) for e, _a, _ in BAD_INPUTS for a in [_a]}) == len(BAD_INPUTS) >= 50
+
+
+# -- divergence in a sweep, file modes, operating faults ---------------------------------------------------
+
+TINY = [
+    "data.n_tasks=2", "model.hidden=16", "train.steps_per_task=12", "train.batch_size=16",
+    "train.evals_per_task=2", "seeds=2", "strategies=ewc",
+]  # fmt: skip
+
+
+def _tiny(sweep: str):
+    from nestlearn.experiment import ExperimentConfig
+    from nestlearn.experiment._config import override
+
+    return override(ExperimentConfig(), [*TINY, f"sweep.ewc={sweep}"])
+
+
+def test_a_sweep_with_a_diverging_run_exits_0_lists_it_and_leaves_the_others_bit_identical(tmp_path, capsys):
+    from nestlearn.experiment._cli import main
+    from nestlearn.experiment._run import run_experiment
+
+    lines: list[str] = []
+    both = run_experiment(
+        _tiny("1,1e30"), tmp_path / "both", log=lines.append, make_figures=False, progress=False
+    )
+    alone = run_experiment(_tiny("1"), tmp_path / "alone", log=[].append, make_figures=False, progress=False)
+    r, ref = both.results["ewc"], alone.results["ewc"]
+    lam = np.array([run["lam"] for run in r.runs])
+    np.testing.assert_array_equal(r.acc_matrix[lam == 1], ref.acc_matrix)  # the same runs, bit for bit
+    np.testing.assert_array_equal(r.curve_acc[lam == 1], ref.curve_acc)
+    assert (r.diverged_step[lam == 1e30] >= 0).all() and (r.diverged_step[lam == 1] == -1).all()
+    assert np.isnan(r.acc_matrix[lam == 1e30][:, -1]).all()  # after divergence: NaN, never chance level
+    assert any(line.startswith("[ewc lam=1e+30] DIVERGED (2 of 2 runs") for line in lines), lines
+    assert any(line.startswith("[ewc lam=1] final average accuracy") for line in lines), lines
+    table = pd.read_csv(both.tables["accuracy_matrix"])
+    diverged = table[table["lam"] == 1e30]
+    assert (diverged["diverged_step"] >= 0).all() and diverged["accuracy"].isna().any()
+    summary = pd.read_csv(both.tables["summary"])
+    assert summary.loc[summary["lam"] == 1e30, "average_accuracy"].isna().all()
+    # the command line: exit 0 with the DIVERGED line
+    sets = [a for s in [*TINY, "sweep.ewc=1,1e30"] for a in ("--set", s)]
+    assert main(["run", PERMUTED, *sets, "--out", str(tmp_path / "cli")]) == 0
+    assert "DIVERGED" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_every_file_a_run_writes_follows_the_umask(tmp_path, umask, mode):
+    import os
+
+    from nestlearn.experiment._run import run_experiment
+
+    old = os.umask(umask)
+    try:
+        out = run_experiment(_tiny("1"), tmp_path / "run", log=[].append, progress=False).directory
+    finally:
+        os.umask(old)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    wrong = {
+        str(p.relative_to(out)): oct(p.stat().st_mode & 0o777)
+        for p in files
+        if p.stat().st_mode & 0o777 != mode
+    }
+    assert not wrong, wrong
+
+
+def test_a_full_disk_is_one_line_exit_3_and_leaves_no_run(tmp_path, capsys, monkeypatch):
+    import shutil as sh
+
+    from nestlearn.engine import _checkpoint
+    from nestlearn.experiment._cli import EXIT_OPERATING, main
+
+    usage = sh.disk_usage(tmp_path)
+    monkeypatch.setattr(_checkpoint.shutil, "disk_usage", lambda p: usage._replace(free=200_000))
+    out = tmp_path / "run"
+    sets = [a for s in [*TINY, "sweep.ewc=1"] for a in ("--set", s)]
+    assert main(["run", PERMUTED, *sets, "--out", str(out)]) == EXIT_OPERATING
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and str(out) in err, err
+    assert not out.exists()  # nothing half-written blocks the rerun
+
+
+def test_a_file_in_the_way_is_one_line_exit_3(tmp_path, capsys):
+    from nestlearn.experiment._cli import EXIT_OPERATING, main
+
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "run"
+    assert (
+        main(["run", PERMUTED, *[a for s in TINY for a in ("--set", s)], "--out", str(out)]) == EXIT_OPERATING
+    )
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Not a directory" in err and "file" in err, err
+
+
+def test_resume_and_force_together_is_one_line(capsys):
+    from nestlearn.experiment._cli import main
+
+    assert main(["run", PERMUTED, "--resume", "--force"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "contradict" in err
+
+
+def test_resuming_a_run_of_another_version_or_experiment_is_refused_in_one_line(tmp_path, capsys):
+    import json
+
+    from nestlearn.experiment._cli import main
+
+    sets = [a for s in TINY for a in ("--set", s)]
+    out = tmp_path / "run"
+    assert main(["run", PERMUTED, *sets, "--out", str(out)]) == 0
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["versions"]["nestlearn"] not in ("", None)
+    stored["versions"]["nestlearn"] = "0.0.1"
+    (out / "config.json").write_text(json.dumps(stored))
+    capsys.readouterr()
+    assert main(["run", PERMUTED, *sets, "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nestlearn 0.0.1" in err and "--force" in err, err
+    assert main(["run", "split_mnist_task_forgetting", *sets, "--out", str(out), "--resume"]) == 2
+    assert "holds a run of 'permuted_mnist_forgetting'" in capsys.readouterr().err

@@ -133,7 +133,7 @@ def _run(args) -> Path | None:
         # corrected rerun is not blocked; one with checkpoints stays, for --resume.
         if fresh and out.is_dir() and not _has_checkpoint(out):
             shutil.rmtree(out, ignore_errors=True)
-        elif out.is_dir() and _has_checkpoint(out):
+        elif fresh and out.is_dir():
             print(f"nestlearn: the run so far is kept in {out}; continue it with --resume", file=sys.stderr)
         raise
 

@@ -97,12 +97,18 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
-    """Steps and evaluation: ``epochs`` passes over each task, or exactly ``steps_per_task`` if set."""
+    """Steps and evaluation: ``epochs`` passes over each task, or exactly ``steps_per_task`` if set.
+
+    ``blowup``: a finite training loss above it marks the run diverged, like a NaN or inf one (a
+    cross-entropy of a 10-class problem starts near 2.3; 1e6 means the run has exploded), so a run whose
+    loss explodes but stays finite is never reported as a chance-level accuracy.
+    """
 
     epochs: float = 2.0
     steps_per_task: int = 0
     batch_size: int = 64
     evals_per_task: int = 5
+    blowup: float = 1e6
 
 
 SweepConfig = dataclasses.make_dataclass(
@@ -377,6 +383,7 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         "train.batch_size": config.train.batch_size,
         "train.epochs": config.train.epochs,
         "train.evals_per_task": config.train.evals_per_task,
+        "train.blowup": config.train.blowup,
         "data.n_tasks": config.data.n_tasks,
         "seeds": config.seeds,
     }

@@ -71,6 +71,7 @@ def train_config(config: ExperimentConfig, stream: tasks.TaskStream) -> TrainCon
         batch_size=t.batch_size,
         evals_per_task=t.evals_per_task,
         reset_optimizer=config.optim.reset_per_task,
+        blowup=t.blowup,
     )
 
 

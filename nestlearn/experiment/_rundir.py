@@ -170,11 +170,17 @@ def _jsonable(config: Any) -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     """Versions of the libraries that produce results, stored with every run."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import flax
     import jax
     import optax
 
-    return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
+    try:
+        own = version("nestlearn")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        own = "unknown"
+    return {"nestlearn": own, "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
 
 
 class RunDir:
@@ -254,6 +260,18 @@ class RunDir:
                 stored = json.loads(cfg_file.read_text())
             except json.JSONDecodeError as e:
                 raise ConfigError(f"--resume: {cfg_file} is not valid JSON ({e})") from None
+            if stored.get("experiment", experiment) != experiment:
+                raise ConfigError(
+                    f"--resume: {out} holds a run of {stored.get('experiment')!r}, not {experiment!r}; choose "
+                    "another --out"
+                )
+            theirs = stored.get("versions", {}).get("nestlearn")
+            ours = versions()["nestlearn"]
+            if theirs is not None and theirs != ours:
+                raise ConfigError(
+                    f"--resume: the run in {out} was written by nestlearn {theirs}, this is {ours}; its "
+                    f"checkpoints may not fit: rerun with --force (or install nestlearn {theirs} to finish it)"
+                )
             stored_cfg = from_dict(type(config), stored.get("config", {}))
             if stored_cfg != config:
                 diff = _differences(_jsonable(config), _jsonable(stored_cfg))
