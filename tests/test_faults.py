@@ -396,3 +396,15 @@ def test_resuming_a_run_of_another_version_or_experiment_is_refused_in_one_line(
     assert len(err.splitlines()) == 1 and "nestlearn 0.0.1" in err and "--force" in err, err
     assert main(["run", "split_mnist_task_forgetting", *sets, "--out", str(out), "--resume"]) == 2
     assert "holds a run of 'permuted_mnist_forgetting'" in capsys.readouterr().err
+
+
+def test_every_metric_of_a_diverged_run_is_nan_and_the_others_are_untouched():
+    from nestlearn import metrics
+
+    R = np.array([[[0.9, 0.1], [0.6, 0.8]], [[0.9, 0.1], [np.nan, np.nan]]])  # run 1 diverged in task 2
+    b = np.array([[0.1, 0.12], [0.1, 0.12]])
+    out = metrics.summary(R, b)
+    alone = metrics.summary(R[:1], b[:1])
+    for name, value in out.items():
+        assert np.isnan(value[1]), f"{name} of the diverged run is {value[1]}, not NaN"
+        assert value[0] == alone[name][0], name
