@@ -408,3 +408,14 @@ def test_every_metric_of_a_diverged_run_is_nan_and_the_others_are_untouched():
     for name, value in out.items():
         assert np.isnan(value[1]), f"{name} of the diverged run is {value[1]}, not NaN"
         assert value[0] == alone[name][0], name
+
+
+def test_keep_checkpoints_from_the_command_line(tmp_path, monkeypatch):
+    from nestlearn.experiment._cli import main
+
+    monkeypatch.delenv("NESTLEARN_KEEP_CHECKPOINTS", raising=False)
+    sets = [a for s in [*TINY, "data.n_tasks=3"] for a in ("--set", s)]
+    assert main(["run", PERMUTED, *sets, "--out", str(tmp_path / "run"), "--keep-checkpoints", "2"]) == 0
+    monkeypatch.delenv("NESTLEARN_KEEP_CHECKPOINTS", raising=False)  # main set it for its own process
+    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [2, 3]  # 3 tasks, the last 2 kept

@@ -180,13 +180,20 @@ class Checkpoints:
 
     Args:
       directory: the checkpoint directory (created if needed).
-      keep: how many checkpoints to keep (>= 1): what a damaged newest one falls back to.
+      keep: how many checkpoints to keep (>= 1): what a damaged newest one falls back to (default
+        ``$NESTLEARN_KEEP_CHECKPOINTS``, else 3; the command line's ``--keep-checkpoints`` sets it).
       report: keyword-only; where the one-line reports of damaged checkpoints go (default: stderr).
     """
 
     def __init__(
-        self, directory: str | Path, *, keep: int = 3, report: Callable[[str], None] = _warn
+        self, directory: str | Path, *, keep: int | None = None, report: Callable[[str], None] = _warn
     ) -> None:
+        if keep is None:
+            text = os.environ.get("NESTLEARN_KEEP_CHECKPOINTS", "3")
+            try:
+                keep = int(text)
+            except ValueError:
+                raise ValueError(f"NESTLEARN_KEEP_CHECKPOINTS must be a positive int, got {text!r}") from None
         if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
             raise ValueError(f"keep must be a positive int (checkpoints kept), got {keep!r}")
         self.directory = Path(directory).absolute()

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import errno
 import importlib.util
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -81,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue a run directory from its last good checkpoint"
     )
     run.add_argument("--force", action="store_true", help="replace an existing run directory")
+    run.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=None,
+        metavar="K",
+        help="checkpoints kept per part (default 3): what a damaged newest one falls back to",
+    )
     sub.add_parser("list", help="list the experiments")
     return parser
 
@@ -149,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
                         doc = (load_experiment(str(path))[1].__doc__ or "").strip().splitlines()
                         print(f"{path.stem}: {doc[0] if doc else ''}")
             return 0
+        if args.command == "run" and args.keep_checkpoints is not None:
+            if args.keep_checkpoints < 1:
+                raise ConfigError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
+            os.environ["NESTLEARN_KEEP_CHECKPOINTS"] = str(args.keep_checkpoints)
         if args.resume and args.force:
             raise ConfigError(
                 "--resume and --force contradict each other: --resume continues a run, --force "

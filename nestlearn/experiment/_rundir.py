@@ -377,7 +377,7 @@ class RunDir:
         tables = tidy_tables(results)
         return dict(zip(tables, write_tables(self.results, tables)))
 
-    def checkpoints(self, part: str = "", *, keep: int = 3):
+    def checkpoints(self, part: str = "", *, keep: int | None = None):
         """An :class:`nestlearn.engine.Checkpoints` under ``checkpoints/`` (``checkpoints/<part>``).
 
         Use it as a context manager; ``latest()`` is ``None`` in a fresh run and the last saved chunk in
