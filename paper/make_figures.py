@@ -146,6 +146,16 @@ def fig_memory(part: str) -> Callable[[Path], plt.Figure]:
     return make
 
 
+def fig_experiment(experiment: str) -> Callable[[Path], plt.Figure]:
+    """The figure an experiment file draws with its ``figure(results)`` from a finished run."""
+
+    def make(runs: Path) -> plt.Figure:
+        directory = finished_run(runs, experiment)
+        return experiment_module(experiment).figure(directory / "results")
+
+    return make
+
+
 FIGURES: dict[str, Callable[[Path], plt.Figure]] = {
     "01_permuted_forgetting_curves": fig_permuted_forgetting,
     "01_permuted_average_accuracy": fig_permuted_average,
@@ -159,6 +169,8 @@ FIGURES: dict[str, Callable[[Path], plt.Figure]] = {
     "06_mqar_state_size": fig_memory("mqar"),
     "06_forgetting_mqar": fig_memory("forgetting"),
     "06_two_languages": fig_memory("languages"),
+    "06_memory_zoo": fig_experiment("memory_zoo"),
+    "06_passkey": fig_experiment("passkey"),
 }
 
 
