@@ -169,20 +169,27 @@ def test_deep_momentum_mlp_dot_hand_trajectory():
     )
 
 
+def last_update(tx, g, n):
+    """The n-th update under a constant gradient g (a jitted scan)."""
+
+    def body(s, _):
+        u, s = tx.update(g, s)
+        return s, u
+
+    return jax.jit(lambda: jax.lax.scan(body, tx.init(g), None, length=n)[1][-1])()
+
+
 def test_deep_momentum_constant_gradient_dot_stores_history_reconstruct_settles_at_sgd():
     # Under a constant g: heavy ball's step tends to -η g/(1-α) (here 4× SGD's); the dot-objective MLP
     # memory steps at least that far; the reconstruction memory settles at plain SGD's -η g.
     g = jnp.array([0.3, -0.2, 0.1])
-    grads = [g] * 200
-    lin, _ = run(optim.deep_momentum(0.1, 1.0, 0.75, memory="linear"), grads, jnp.zeros(3))
-    np.testing.assert_allclose(lin[-1], -0.1 * g / 0.25, rtol=1e-5)
-    mlp, _ = run(optim.deep_momentum(0.1, 1.0, 0.75), grads, jnp.zeros(3))
-    assert bool(jnp.all(jnp.abs(mlp[-1]) >= jnp.abs(lin[-1]) * (1 - 1e-6)))
+    lin = last_update(optim.deep_momentum(0.1, 1.0, 0.75, memory="linear"), g, 200)
+    np.testing.assert_allclose(lin, -0.1 * g / 0.25, rtol=1e-5)
+    mlp = last_update(optim.deep_momentum(0.1, 1.0, 0.75), g, 200)
+    assert bool(jnp.all(jnp.abs(mlp) >= jnp.abs(lin) * (1 - 1e-6)))
     for memory in ("mlp", "linear"):
-        rec, _ = run(
-            optim.deep_momentum(0.1, 0.5, 1.0, objective="reconstruct", memory=memory), grads, jnp.zeros(3)
-        )
-        np.testing.assert_allclose(rec[-1], -0.1 * g, rtol=1e-4)
+        rec = last_update(optim.deep_momentum(0.1, 0.5, 1.0, objective="reconstruct", memory=memory), g, 200)
+        np.testing.assert_allclose(rec, -0.1 * g, rtol=1e-4)
 
 
 def test_deep_momentum_muon_output_equals_optax_muon():
@@ -290,3 +297,58 @@ def test_delta_gradient_descent_schedule_is_the_rate_of_each_step():
         u, s = tx.update(g, s, p, inputs={"k": x})
         want, _ = optim.delta_gradient_descent(float(SCHEDULE(t))).update(g, tx.init(p), p, inputs={"k": x})
         np.testing.assert_allclose(u["k"], want["k"], rtol=1e-6, atol=1e-7)
+
+
+# -- the orthogonal-regression experiment's DGD learner and tuning pieces -------------------------------
+
+
+def _orth():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "orthogonal_regression.py"
+    spec = importlib.util.spec_from_file_location("orthogonal_regression_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_orthogonal_regression_dgd_learner_is_delta_gradient_step():
+    # The experiment's DGD runs (engine, vmapped over rate x seed) against a Python loop of the paper's
+    # per-batch rule, optim.delta_gradient_step, on both kernels with the batch's δ = ŷ - y.
+    orth = _orth()
+    steps, lr = 2, 0.05
+    curve, runs = orth.train_dgd([0], [lr, 0.2], steps)
+    assert curve.shape == (2, orth.K * steps, orth.K) and [r["lr"] for r in runs] == [lr, 0.2]
+    key = jax.random.key(0)
+
+    @jax.jit
+    def hand(a, b, s):
+        x, y = orth.data(key, s, steps)
+        delta = x @ (a + b) - y
+        a, b = optim.delta_gradient_step(a, x, delta, lr), optim.delta_gradient_step(b, x, delta, lr)
+        return a, b, orth.test_losses((a + b).T, key)
+
+    a = b = jnp.zeros((orth.D, orth.M))
+    want = []
+    for s in range(orth.K * steps):
+        a, b, t = hand(a, b, jnp.int32(s))
+        want.append(t)
+    np.testing.assert_allclose(curve[0], np.array(want), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(curve[0], curve[1])
+
+
+def test_orthogonal_regression_scores_and_config():
+    orth = _orth()
+    # Two evaluations per task (n = 2), K = 4: ends are every second row; forgetting by hand.
+    curve = np.arange(1.0, 1 + 8 * 4).reshape(1, 8, 4)
+    sc = orth.scores(curve, 2)
+    ends = curve[0, 1::2]
+    np.testing.assert_allclose(sc["final_loss"], [ends[-1].mean()])
+    np.testing.assert_allclose(sc["forgetting"], [np.mean([ends[-1, j] - ends[j, j] for j in range(3)])])
+    with pytest.raises(orth.ConfigError, match="tune_seed"):
+        orth.Config(seeds=(0, 100)).validate()
+    with pytest.raises(orth.ConfigError, match="lr_grid"):
+        orth.Config(lr_grid=(1.0, -0.1)).validate()
