@@ -107,10 +107,10 @@ def scale_by_m3(
       An :class:`optax.GradientTransformation` whose updates are the direction :math:`d` (no sign flip).
 
     Example:
-      >>> tx = scale_by_m3(b1=1.0, b2=1.0, eps=0.0)   # one step: d = NS(g) / |g|
+      >>> tx = scale_by_m3(b1=1.0, b2=1.0)   # one step: d = NS(g) / (|g| + eps), O2 = 0
       >>> d, _ = tx.update(jnp.diag(jnp.array([3.0, 4.0])), tx.init(jnp.zeros((2, 2))))
-      >>> d.shape
-      (2, 2)
+      >>> [round(float(v), 3) for v in jnp.diag(d) * jnp.array([3.0, 4.0])]   # NS(g): values near 1
+      [0.723, 1.119]
 
     References:
       Behrouz et al., Nested Learning, 2025 (arXiv 2512.24695, Algorithm 1, M3); Jordan et al., Muon, 2024;
