@@ -103,6 +103,21 @@ CASES = [
         steps=400,
     ),
     Case(
+        "delta_momentum_adam",
+        lambda learning_rate, decay: optim.delta_momentum(learning_rate, decay, 0.5, precondition="adam"),
+        {"learning_rate": 0.02, "decay": 0.5},
+        steps=600,
+    ),
+    Case(
+        "deep_momentum_muon",  # Muon as a deep optimizer (NS on the 2-D leaf's read; the bias is heavy ball)
+        lambda learning_rate, memory_lr: optim.deep_momentum(
+            learning_rate, memory_lr, 0.5, memory="linear", orthogonalize_output=True
+        ),
+        {"learning_rate": 0.01, "memory_lr": 0.5},
+        steps=600,
+        tol=0.1,
+    ),
+    Case(
         "delta_gradient_descent",
         optim.delta_gradient_descent,
         {"learning_rate": 0.2},
