@@ -227,6 +227,18 @@ def test_outer_gradient_through_the_updates_matches_finite_differences():
     assert float(jnp.max(jnp.abs(got["blocks"][1]["up"]["kernel"][...]))) > 0
 
 
+def test_a_pluggable_inner_loss_reaches_the_weights():
+    # Twice the default loss is the default loss at twice the rates.
+    double = lambda pred, key, value: 2.0 * nn.next_step_loss(pred, key, value)  # noqa: E731
+    a = build(lambda: ContextCMS(4, 6, (2, 4), lr=(0.02, 0.01), inner_loss=double, rngs=nnx.Rngs(8)))
+    b = build(lambda: ContextCMS(4, 6, (2, 4), lr=(0.04, 0.02), rngs=nnx.Rngs(8)))
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 9, 4)).astype(np.float32))
+    ya, yb = apply_fn(a)(x, a.init_state(2))[0], apply_fn(b)(x, b.init_state(2))[0]
+    y0 = build(lambda: ContextCMS(4, 6, (2, 4), lr=(0.02, 0.01), rngs=nnx.Rngs(8)))(x)
+    np.testing.assert_allclose(np.asarray(ya), np.asarray(yb), rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(ya - y0))) > 1e-3  # and differs from the default loss at the same rates
+
+
 def test_context_cms_rejects_bad_arguments():
     with pytest.raises(ValueError, match="periods"):
         ContextCMS(4, 4, (), rngs=nnx.Rngs(0))

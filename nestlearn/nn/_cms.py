@@ -394,17 +394,21 @@ def block_forward(theta: Theta, h: Float[Array, "batch n d"]) -> Float[Array, "b
     return jnp.einsum("bnh,bhd->bnd", jax.nn.gelu(u), w2) + b2[:, None, :]
 
 
-def next_step_loss(theta: Theta, key: Float[Array, "batch n d"], value: Float[Array, "batch n d"]) -> Array:
+def next_step_loss(
+    pred: Float[Array, "batch n d"], key: Float[Array, "batch n d"], value: Float[Array, "batch n d"]
+) -> Float[Array, "batch n"]:
     r"""The default inner error signal: block :math:`\ell` predicts its next input, per token ``[batch, n]``.
 
     .. math::
       \ell_t(\theta) = \tfrac12\,\big\|\,h_{t-1} + f(\theta; h_{t-1}) - h_t\,\big\|^2,
 
-    with :math:`h_t` the block's input at token :math:`t` (``key`` holds :math:`h_{t-1}`, ``value``
-    :math:`h_t`). The block's residual map :math:`h \mapsto h + f(h)` learns, from the stream itself, to
-    carry a token's representation toward the next one's.
+    with :math:`h_t` the block's input at token :math:`t`: ``key`` holds :math:`h_{t-1}`, ``pred`` the
+    block's residual map at it, :math:`h_{t-1} + f(\theta; h_{t-1})`, and ``value`` :math:`h_t`. The
+    residual map :math:`h \mapsto h + f(h)` learns, from the stream itself, to carry a token's
+    representation toward the next one's.
     """
-    err = key + block_forward(theta, key) - value
+    del key
+    err = pred - value
     return 0.5 * jnp.sum(err * err, axis=-1)
 
 
@@ -456,7 +460,8 @@ class ContextCMS(nnx.Module):
       has no pair), because it is local (no backward pass through the rest of the model, so each level
       learns at test time from the stream alone), self-supervised (needs no labels), causal, and is
       the representation-space analogue of the next-token objective the model is trained on. Pass
-      ``inner_loss(theta, key, value) -> [batch, n]`` to use another signal on the same pairs.
+      ``inner_loss(pred, key, value) -> [batch, n]`` to use another loss of the residual map's output
+      ``pred = key + f(key)`` on the same pairs (the gradient reaches the weights through ``pred``).
     - *inner rates*: choice: one rate per level, :math:`\eta_\ell = \exp(\text{log\_lr}_\ell)`, an
       ``nnx.Param`` the outer optimizer learns (unconstrained in log space), initialised to
       :math:`\mathrm{lr} / (C(\ell)\, d)` (default ``lr = 0.1``): divided by :math:`C(\ell)` because
@@ -600,14 +605,22 @@ class ContextCMS(nnx.Module):
         new_params, new_grads, new_prev = [], [], []
         for level, period in enumerate(self.periods):
             theta, before = params[level], prev[:, level]
-            shifted = jnp.concatenate([before[:, None], h[:, :-1]], axis=1)
-            key = jnp.where(after_pad[None, :, None], shifted, before[:, None])
-            # Level l's gradient summed over the sub-chunk's pairs, at its (constant) current weights;
-            # each sequence's weights get only their own tokens' gradient.
-            loss = lambda th, key=key, value=h: jnp.sum(self.inner_loss(th, key, value) * pair[None])  # noqa: E731
-            acc = jax.tree.map(jnp.add, grads[level], jax.grad(loss)(theta))
+            # One pass of the block over [before, h_0 .. h_{g-1}]: rows 1.. are the outputs f(h_t), and
+            # the key of token t's pair is h_{t-1} (row t) or, after left padding, the carried input
+            # (row 0). Its pullback gives level l's gradient summed over the sub-chunk's pairs, at the
+            # level's (constant) current weights; each sequence's weights get only their own tokens'.
+            rows = jnp.concatenate([before[:, None], h], axis=1)
+            out, pullback = jax.vjp(lambda th, rows=rows: block_forward(th, rows), theta)
+            use_row = after_pad[None, :, None]
+            key = jnp.where(use_row, rows[:, :-1], before[:, None])
+            f_key = jnp.where(use_row, out[:, :-1], out[:, :1])
+            loss = lambda f, key=key, value=h: jnp.sum(self.inner_loss(key + f, key, value) * pair[None])  # noqa: E731
+            d_f = jax.grad(loss)(f_key)
+            d_out = jnp.concatenate([jnp.where(use_row, d_f, 0.0), jnp.zeros_like(d_f[:, :1])], axis=1)
+            d_out = d_out.at[:, 0].add(jnp.sum(jnp.where(use_row, 0.0, d_f), axis=1))
+            acc = jax.tree.map(jnp.add, grads[level], pullback(d_out)[0])
             new_prev.append(jnp.where(last >= 0, h[:, jnp.maximum(last, 0)], before))
-            h = h + block_forward(theta, h)
+            h = h + out[:, 1:]
             # At the boundary: one step with the chunk's summed gradient, then start a new sum.
             step = complete & (end % period == 0)
             eta = jnp.where(step, rates[level], 0.0)
