@@ -279,6 +279,21 @@ def test_hope_streams_in_pieces_like_the_whole_sequence():
     assert isinstance(cms_end, nn.ContextCMSState) and int(cms_end.pos) == 11
 
 
+def test_exact_per_token_memories_stream_at_any_cut():
+    # DeltaNet's delta rule is exact per token, so its chunk grid does not matter across calls (chunk 4,
+    # cut at 3); the model's state carries the memory and the short convolution's tail.
+    model = build(lambda: nn.deltanet(vocab=8, d_model=8, chunk=4, rngs=nnx.Rngs(9)))
+    graphdef, params = nnx.split(model)
+    run = jax.jit(lambda p, t, s: nnx.merge(graphdef, p).apply(t, s), compiler_options=FAST)
+    tokens = jnp.asarray(np.random.default_rng(9).integers(0, 8, size=(2, 11)), jnp.int32)
+    whole, _ = run(params, tokens, model.init_state(2))
+    first, state = run(params, tokens[:, :3], model.init_state(2))
+    rest, _ = run(params, tokens[:, 3:], state)
+    err = float(jnp.max(jnp.abs(jnp.concatenate([first, rest], axis=1) - whole)))
+    report("deltanet logits, whole vs cut at 3", err)
+    assert err < 1e-5
+
+
 def test_attention_models_refuse_to_stream():
     model = nnx.eval_shape(lambda: nn.hope_attention(vocab=8, d_model=8, heads=2, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="CausalAttention.*key-value cache"):

@@ -448,8 +448,10 @@ class ContextCMS(nnx.Module):
     parallel over its tokens. The computation is a ``lax.scan`` over sub-chunks of
     :math:`g = \gcd_\ell C(\ell)` tokens; level :math:`\ell` accumulates its sub-chunk gradients
     (taken at its constant weights, so their sum is the chunk's sum) and applies them when its period
-    divides the position. The outer optimizer trains the initial weights (and the rates) through these
-    updates. :meth:`apply` carries :class:`ContextCMSState` across calls: one call on a sequence, calls
+    divides the position (chunks are aligned to the sequence's start). Per sub-chunk and level, one
+    pass of the block over the sub-chunk (and the carried last input) serves both the output and,
+    through its pullback, the inner gradient. The outer optimizer trains the initial weights (and the
+    rates) through these updates, a second-order gradient. :meth:`apply` carries :class:`ContextCMSState` across calls: one call on a sequence, calls
     on any pieces of it, or one call per token give the same outputs and state.
 
     Choices the paper leaves open:
@@ -467,9 +469,9 @@ class ContextCMS(nnx.Module):
       :math:`\mathrm{lr} / (C(\ell)\, d)` (default ``lr = 0.1``): divided by :math:`C(\ell)` because
       the update is the chunk's *sum* (as in the paper), which grows with the period, and by the width
       :math:`d` because the channel's inputs are layer-normalised (squared norm about :math:`d`) and a
-      delta-rule step is stable only for :math:`\eta\|h\|^2 < 2` (the normalised-LMS scaling). Rates
-      well above this (per-token steps near ``lr = 0.5`` at ``d = 32``) diverge, as any delta rule
-      does. ``lr`` as a sequence gives each :math:`\eta_\ell` directly; ``learn_lr=False`` keeps the
+      delta-rule step is stable only for :math:`\eta\|h\|^2 < 2` (the normalised-LMS scaling). Larger
+      rates diverge, as any delta rule does (``lr = 0.5`` with periods of one token at ``d = 32`` did on
+      random inputs; ``lr = 0.2`` did not). ``lr`` as a sequence gives each :math:`\eta_\ell` directly; ``learn_lr=False`` keeps the
       rates fixed.
     - *periods*: fastest first; ``(1, ..., 1)`` updates every block after every token.
 

@@ -63,7 +63,7 @@ class MLPChannel(nnx.Module):
 
 
 class CMSChannel(nnx.Module):
-    r"""The optimizer-level CMS channel: ``levels`` residual GELU MLP blocks that change only between sequences.
+    r"""The optimizer-level CMS channel: ``levels`` residual GELU MLP blocks that change only between batches.
 
     .. math::
       h_0 = x,\qquad h_{\ell+1} = h_\ell + W_2^\ell\,\mathrm{gelu}(W_1^\ell h_\ell + b_1^\ell) + b_2^\ell,
