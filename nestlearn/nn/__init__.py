@@ -17,8 +17,11 @@ from nestlearn.nn._attention import CausalAttention, rotary
 from nestlearn.nn._cms import (
     CMSMLP,
     CMSBlock,
+    ContextCMS,
+    ContextCMSState,
     block_cka,
     block_cosine,
+    block_forward,
     block_label,
     cms_labels,
     cms_optimizer,
@@ -26,6 +29,7 @@ from nestlearn.nn._cms import (
     level_steps,
     level_update_norms,
     linear_cka,
+    next_step_loss,
 )
 from nestlearn.nn._memory_models import (
     deltanet,
@@ -44,6 +48,7 @@ from nestlearn.nn._seq import (
     MLPChannel,
     SequenceBlock,
     SequenceModel,
+    cms_channel,
     hope_attention,
     transformer,
 )
@@ -53,8 +58,11 @@ __all__ = ["MLP", "torch_linear_init"]
 __all__ += [
     "CMSMLP",
     "CMSBlock",
+    "ContextCMS",
+    "ContextCMSState",
     "block_cka",
     "block_cosine",
+    "block_forward",
     "block_label",
     "cms_labels",
     "cms_optimizer",
@@ -62,6 +70,7 @@ __all__ += [
     "level_steps",
     "level_update_norms",
     "linear_cka",
+    "next_step_loss",
 ]
 __all__ += [
     "AssociativeMemory",
@@ -85,6 +94,7 @@ __all__ += [
     "SeqTrainer",
     "SequenceBlock",
     "SequenceModel",
+    "cms_channel",
     "deltanet",
     "finite_mean",
     "hope",

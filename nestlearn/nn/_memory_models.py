@@ -28,7 +28,7 @@ from flax import nnx
 from nestlearn.nn._assoc import AssociativeMemory
 from nestlearn.nn._attention import CausalAttention
 from nestlearn.nn._selfmod import MEMORIES, SelfModifyingMemory
-from nestlearn.nn._seq import CMSChannel, MLPChannel, SequenceModel
+from nestlearn.nn._seq import MLPChannel, SequenceModel, cms_channel
 
 
 def _model(vocab, d_model, n_layers, mixer, mlp_hidden, rngs) -> SequenceModel:
@@ -137,17 +137,26 @@ def self_modifying_titans(
 
 
 def hope(
-    *, vocab: int, d_model: int, n_layers: int = 2, heads: int = 2, cms_levels: int = 3,
-    cms_hidden: int | None = None, memory_hidden: int | None = None, lr: float = 0.1, momentum: bool = False,
+    *, vocab: int, d_model: int, n_layers: int = 2, heads: int = 2, cms: str | None = "context",
+    cms_levels: int | None = None, cms_periods: tuple[int, ...] | None = None, cms_hidden: int | None = None,
+    cms_lr: float = 0.1, memory_hidden: int | None = None, lr: float = 0.1, momentum: bool = False,
     chunk: int = 16, path: str = "chunk", stop_write_grad: bool = False, rngs: nnx.Rngs,
 ) -> SequenceModel:  # fmt: skip
-    """HOPE: self-modifying Titans followed by a Continuum Memory System (a :class:`CMSChannel`).
+    """HOPE: self-modifying Titans followed by a Continuum Memory System (Behrouz et al. 2025, Nested Learning).
 
-    Train with :func:`nestlearn.nn.cms_optimizer` so CMS block ``l`` steps every ``C(l)`` steps; the CMS
-    switched off is :func:`self_modifying_titans` (a plain MLP channel), or periods all 1. Behrouz et al.
-    2025, Nested Learning.
+    ``cms`` picks the CMS (:func:`nestlearn.nn._seq.cms_channel`):
+
+    - ``"context"`` (default, as the paper describes it): a :class:`~nestlearn.nn.ContextCMS`, block ``l``
+      learning from the input's tokens every ``cms_periods[l]`` tokens (default 16, 64, 256), inside a
+      sequence and at test time, with base inner rate ``cms_lr``;
+    - ``"optimizer"``: the optimizer-level CMS, a :class:`~nestlearn.nn.CMSChannel` of ``cms_levels``
+      blocks that change only between batches: train with :func:`nestlearn.nn.cms_optimizer` so block
+      ``l`` steps every ``C(l)`` optimizer steps;
+    - ``None``: :func:`self_modifying_titans` (a plain MLP channel).
+
+    The model streams: :meth:`SequenceModel.apply` carries the memories and the CMS across calls.
     """
-    hidden = 4 * d_model if cms_hidden is None else cms_hidden
+    channel = cms_channel(cms, d_model, levels=cms_levels, periods=cms_periods, hidden=cms_hidden, lr=cms_lr)
     return SequenceModel(
         vocab=vocab,
         d_model=d_model,
@@ -163,7 +172,7 @@ def hope(
             path=path,
             rngs=r,
         ),  # fmt: skip
-        channel=lambda d, r: CMSChannel(d, hidden, cms_levels, rngs=r),
+        channel=channel,
         rngs=rngs,
     )
 
