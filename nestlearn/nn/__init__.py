@@ -31,6 +31,7 @@ from nestlearn.nn._memory_models import (
     deltanet,
     hope,
     linear_attention,
+    minibatch_delta,
     self_modifying_titans,
     state_size,
     titans,
@@ -48,6 +49,7 @@ from nestlearn.nn._seq import (
     transformer,
 )
 from nestlearn.nn._seqtrain import SeqTrainer, SeqTrainState, finite_mean, query_loss
+from nestlearn.nn._ttt import TTTLayer, TTTState, ttt_apply, ttt_chunked, ttt_initial_state, ttt_scan
 
 __all__ = ["MLP", "torch_linear_init"]
 __all__ += [
@@ -70,12 +72,18 @@ __all__ += [
     "MemoryState",
     "ShortConv",
     "SelfModifyingMemory",
+    "TTTLayer",
+    "TTTState",
     "initial_state",
     "inner_loss",
     "memory_apply",
     "memory_chunked",
     "memory_scan",
     "memory_statistics",
+    "ttt_apply",
+    "ttt_chunked",
+    "ttt_initial_state",
+    "ttt_scan",
 ]
 __all__ += [
     "CMSChannel",
@@ -90,6 +98,7 @@ __all__ += [
     "hope",
     "hope_attention",
     "linear_attention",
+    "minibatch_delta",
     "query_loss",
     "rotary",
     "self_modifying_titans",
