@@ -312,6 +312,25 @@ def test_ttt_layer_paths_agree_and_every_outer_parameter_learns(memory):
     np.testing.assert_allclose(params["scale"][...], [1.0, 1 / 2, 1 / 3, 1 / 4], rtol=1e-6)  # init 1/i
 
 
+@pytest.mark.parametrize("length", [8, 10])
+def test_ttt_telemetry_reports_how_far_the_inner_model_moved(length):
+    # 8 tokens: two full blocks, the state sits at a block start; 10: two tokens into the third block, the
+    # last read used theta_0 - s_2 * (sum of those two tokens' scaled gradients)
+    layer = _layer("mlp")
+    x = jax.random.normal(jax.random.PRNGKey(7), (2, length, 8))
+    _, end, _ = layer.apply(x)
+    _, stats = nnx.jit(lambda m, x: m.telemetry(x))(layer, x)
+    s = float(layer.scale[...][1]) if length == 10 else 0.0
+    moved = sum(
+        np.sum((np.asarray(b) - s * np.asarray(g) - np.asarray(w)[None]) ** 2, axis=tuple(range(2, b.ndim)))
+        for b, g, w in zip(end.memory.weights, end.memory.grad_sum, layer._init_weights())
+    )
+    np.testing.assert_allclose(stats["update_norm"], np.mean(np.sqrt(moved)), rtol=1e-5)
+    assert float(stats["update_norm"]) > 1e-3 and int(stats["diverged_at"]) == -1
+    assert np.isfinite(float(stats["surprise_mean"]))
+    np.testing.assert_array_equal(end.memory.pos, length % 4)
+
+
 def test_ttt_ablation_flags_remove_their_parameters():
     layer = TTTLayer(8, block=4, layer_norm=False, token_scale=False, rngs=nnx.Rngs(0))
     assert not hasattr(layer, "ln_scale") and not hasattr(layer, "scale")

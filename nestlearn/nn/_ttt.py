@@ -28,15 +28,18 @@ State and streaming: the state is :class:`TTTState`, the weights that opened the
 so a sequence fed in pieces of any length (one token at a time included) gives the numbers of one call.
 
 Choices the paper leaves open or this library makes:
-  - choice: the learnable token scale is one vector of ``b`` entries shared by all heads, stored as the
-    scale itself (initialised :math:`1/i`) and clipped at 0, because that is the shape and the clip of
-    Sun et al.'s released layer; ``token_scale=False`` fixes :math:`s_i = 1` (the plain sum).
+  - choice: the learnable token scale is one vector of ``b`` entries shared by all heads and clipped at 0,
+    as in Sun et al.'s released layer; it is stored as the scale itself, initialised :math:`1/i` (their
+    code adds a learnable offset, initialised 0, to a fixed :math:`1/i`: the same function, parametrised
+    differently). ``token_scale=False`` fixes :math:`s_i = 1` (the plain sum of the block's gradients).
+  - choice: the rate's division by ``d_head`` and the reconstruction target ``v - k`` of the residual
+    model follow the released code; the per-head rate gate is Sun et al.'s learnable :math:`\eta(x)`.
   - choice: queries, keys and values pass the same short causal convolution as
     :class:`~nestlearn.nn.AssociativeMemory` and the reads are RMS-normalised before the output
     projection, so the TTT layer differs from the other memory layers only in its memory.
   - choice: inner weights start at :math:`\mathcal N(0, 0.02^2)` with zero biases, the MLP is 4x wide
     with tanh-approximated GELU, and the inner layer norm uses :math:`\epsilon = 10^{-6}`, as Sun et al.
-  - choice: keys are not L2-normalised (Sun et al. do not); the rate is divided by ``d_head`` instead.
+  - choice: keys are not L2-normalised (Sun et al. do not); the rate's ``1 / d_head`` keeps steps small.
 
 References:
   Sun et al. 2024, "Learning to (Learn at Test Time): RNNs with Expressive Hidden States" (TTT-linear,
