@@ -608,12 +608,8 @@ class AssociativeMemory(nnx.Module):
             raise ValueError(f"path must be 'chunk' or 'token', got {path!r}")
         if decay not in ("titans", "gated_deltanet"):
             raise ValueError(f"decay must be 'titans' or 'gated_deltanet', got {decay!r}")
-        if decay == "gated_deltanet" and (memory, objective, momentum, online) != (
-            "linear",
-            "l2",
-            False,
-            True,
-        ):
+        plain_delta = memory == "linear" and objective == "l2" and not momentum and online
+        if decay == "gated_deltanet" and not plain_delta:
             raise ValueError(
                 "decay='gated_deltanet' needs memory='linear', objective='l2', momentum=False, online=True, "
                 f"got {memory!r}, {objective!r}, {momentum!r}, {online!r}"

@@ -84,9 +84,10 @@ def deltanet(
         :math:`\alpha_t` decays the state *before* the delta-rule write,
         :math:`S_t = \alpha_t(I - \beta_t k_t k_t^\top)S_{t-1} + \beta_t k_t v_t^\top`.
         ``"titans"``: the Titans / Nested Learning decay beside the write,
-        :math:`M_t = \alpha_t M_{t-1} - \beta_t k_t^\top(k_t M_{t-1} - v_t)`, which keeps
-        :math:`\beta_t(1-\alpha_t)k_t^\top k_t M_{t-1}` more of the old state along :math:`k_t`
-        (this was ``gate=True`` before it meant Gated DeltaNet).
+        :math:`M_t = \alpha_t M_{t-1} - \beta_t k_t^\top(k_t M_{t-1} - v_t)`, which removes
+        :math:`\beta_t(1-\alpha_t)k_t^\top k_t M_{t-1}` more of the old state along :math:`k_t` than
+        Gated DeltaNet (it decays that part and also erases it undecayed). This form was ``gate=True``
+        until ``True`` came to mean Gated DeltaNet.
       the rest: as :func:`linear_attention` (``chunk`` tokens per chunk of the chunkwise path).
     """
     if gate not in (False, True, "gated_deltanet", "titans"):
