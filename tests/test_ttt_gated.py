@@ -277,7 +277,9 @@ def test_ttt_layer_streams_in_any_pieces(memory):
     apply = nnx.jit(lambda m, x, state=None: m.apply(x, state))
     whole, end, _ = apply(layer, x)
     cuts = [0, 3, 4, 9, 10, 13]  # pieces of 3, 1, 5, 1, 3 tokens: starts in the middle of blocks
-    for pieces in (list(zip(cuts[:-1], cuts[1:])), [(t, t + 1) for t in range(13)]):
+    drawn = [0, *sorted(np.random.default_rng(8).choice(np.arange(1, 13), 4, replace=False).tolist()), 13]
+    singles = [(t, t + 1) for t in range(13)]
+    for pieces in (list(zip(cuts[:-1], cuts[1:])), list(zip(drawn[:-1], drawn[1:])), singles):
         state, outs = layer.init_state(2), []
         for a, b in pieces:
             y, state, _ = apply(layer, x[:, a:b], state)
