@@ -32,8 +32,9 @@ Choices the paper leaves open or this library makes:
     as in Sun et al.'s released layer; it is stored as the scale itself, initialised :math:`1/i` (their
     code adds a learnable offset, initialised 0, to a fixed :math:`1/i`: the same function, parametrised
     differently). ``token_scale=False`` fixes :math:`s_i = 1` (the plain sum of the block's gradients).
-  - choice: the rate's division by ``d_head`` and the reconstruction target ``v - k`` of the residual
-    model follow the released code; the per-head rate gate is Sun et al.'s learnable :math:`\eta(x)`.
+  - choice: the rate's division by ``d_head`` follows the released code (which writes the loss as
+    :math:`\mathrm{LN}(f_{\mathrm{res}}(k))` fit to :math:`v - k`, the same loss); the per-head rate gate
+    is Sun et al.'s learnable :math:`\eta(x)`.
   - choice: queries, keys and values pass the same short causal convolution as
     :class:`~nestlearn.nn.AssociativeMemory` and the reads are RMS-normalised before the output
     projection, so the TTT layer differs from the other memory layers only in its memory.
