@@ -35,6 +35,7 @@ from nestlearn.nn._memory_models import (
     deltanet,
     hope,
     linear_attention,
+    minibatch_delta,
     self_modifying_titans,
     state_size,
     titans,
@@ -53,6 +54,7 @@ from nestlearn.nn._seq import (
     transformer,
 )
 from nestlearn.nn._seqtrain import SeqTrainer, SeqTrainState, finite_mean, query_loss
+from nestlearn.nn._ttt import TTTLayer, TTTState, ttt_apply, ttt_chunked, ttt_initial_state, ttt_scan
 
 __all__ = ["MLP", "torch_linear_init"]
 __all__ += [
@@ -79,12 +81,18 @@ __all__ += [
     "MemoryState",
     "ShortConv",
     "SelfModifyingMemory",
+    "TTTLayer",
+    "TTTState",
     "initial_state",
     "inner_loss",
     "memory_apply",
     "memory_chunked",
     "memory_scan",
     "memory_statistics",
+    "ttt_apply",
+    "ttt_chunked",
+    "ttt_initial_state",
+    "ttt_scan",
 ]
 __all__ += [
     "CMSChannel",
@@ -100,6 +108,7 @@ __all__ += [
     "hope",
     "hope_attention",
     "linear_attention",
+    "minibatch_delta",
     "query_loss",
     "rotary",
     "self_modifying_titans",
