@@ -291,7 +291,11 @@ def check_values(config: Any, prefix: str = "") -> Any:
 
 
 def _strategy_checks(config: ExperimentConfig) -> None:
+    # The strategies that run check their own sections (with their own messages) before the run directory
+    # is made; a section set for a strategy that does not run is still a bad value and refused here.
     for name in REGISTRY:
+        if name in config.strategies:
+            continue
         section = getattr(config, name)
         for field in dataclasses.fields(section):
             value = getattr(section, field.name)
@@ -299,10 +303,6 @@ def _strategy_checks(config: ExperimentConfig) -> None:
                 continue
             if value < 0:
                 raise ConfigError(f"{name}.{field.name} must be non-negative, got {value!r}")
-    for field in dataclasses.fields(config.sweep):
-        for value in getattr(config.sweep, field.name):
-            if not value >= 0:
-                raise ConfigError(f"sweep.{field.name}: swept values must be non-negative, got {value!r}")
 
 
 def _available_bytes() -> tuple[int, str]:
@@ -425,10 +425,6 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     if config.train.batch_size > _data_size(config)[0]:
         raise ConfigError(
             f"train.batch_size ({config.train.batch_size}) exceeds the {_data_size(config)[0]} training examples"
-        )
-    if config.train.evals_per_task > max(per_task, 1):
-        raise ConfigError(
-            f"train.evals_per_task ({config.train.evals_per_task}) exceeds the steps per task ({per_task})"
         )
     check_memory(config)
     return config
