@@ -126,7 +126,7 @@ def _multikey(key, *, batch, length, vocab, needles) -> tasks.RecallBatch:
 class Config:
     """Sizes. ``lengths`` are multiples of ``train_length`` to evaluate at; ``tasks``: "passkey", "multikey"."""
 
-    models: tuple[str, ...] = tuple(MODELS)
+    models: tuple[str, ...] = zoo.DEFAULT_MODELS
     tasks: tuple[str, ...] = ("multikey", "passkey")
     seeds: tuple[int, ...] = (0, 1, 2)
     tuning_seed: int = 100

@@ -582,14 +582,20 @@ for name, (_, state, curve, _) in lang_results.items():
 # typed: a matrix memory holds d_model² / heads floats per layer, an MLP memory 2 · d_model · hidden,
 # and self-modifying Titans and HOPE carry *five* MLP memories (the main one and the four that generate
 # keys, values, rates and gates), so at the same state their main memory is far narrower. Attention's
-# state is its key-value cache, which grows with the sequence (marked).
+# state is its key-value cache, which grows with the sequence (marked). HOPE's in-context CMS
+# (`cms="context"`, the paper's) is per-sequence state as well: its blocks' fast weights, the
+# `cms_state` column, some 100,000 floats that `nn.state_size` leaves out and that no other model has.
 
 # %%
 from nestlearn.experiment import load_experiment, override  # noqa: E402
 
 zoo = load_experiment("../experiments/memory_zoo.py")[1]
 sizes = pd.DataFrame({name: zoo.describe(name, 64) for name in zoo.MODELS}).T
-print(sizes[["state_size", "params", "d_model", "heads", "memory_hidden", "state_grows"]].to_string())
+print(
+    sizes[
+        ["state_size", "cms_state", "params", "d_model", "heads", "memory_hidden", "state_grows"]
+    ].to_string()
+)
 
 # %% [markdown]
 # Each model then trains at its *own* learning rate: `zoo.tuned_runs` runs every rate of a small grid on

@@ -72,22 +72,30 @@ def test_multikey_under_vmap_and_bad_arguments_named():
 
 def test_recurrent_models_match_state_and_attention_reports_its_growing_cache():
     length = 64
-    sizes = {name: zoo.describe(name, length)["state_size"] for name in zoo.MODELS}
+    sizes = {name: zoo.describe(name, length) for name in zoo.MODELS}
+    state = {name: d["state_size"] for name, d in sizes.items()}
     # DeltaNet's state by hand: 2 layers x (2 heads x 16^2 matrix + short-conv tail 3 taps x 3 x 32)
-    assert sizes["deltanet"] == 2 * (2 * 16 * 16 + 3 * 3 * 32) == 1600
-    for name, size in sizes.items():
+    assert state["deltanet"] == 2 * (2 * 16 * 16 + 3 * 3 * 32) == 1600
+    for name, size in state.items():
         if name in zoo.ATTENTION:
-            assert size == 2 * 2 * length * 32, name  # KV cache: 2 layers x 2 (k, v) x length x d_model
+            assert size == 2 * 2 * length * 32, name  # KV cache: 2 layers x (k, v) x length x d_model
             big = nn.state_size(zoo.MODELS[name].model(zoo.VOCAB, nnx.Rngs(0)), 4 * length)
             assert big == 4 * size, name
         else:  # matched to DeltaNet's within the rounding the docstring states (HOPE's 1.4x at most)
             assert 1600 <= size <= 1.4 * 1600, (name, size)
-    assert {n for n in zoo.MODELS if sizes[n] == 1600} >= {
+    assert {n for n in zoo.MODELS if state[n] == 1600} >= {
         "linear_attention",
         "deltanet",
-        "ttt_mlp",
+        "gated_deltanet",
         "titans",
     }
+    # the in-context CMS's fast weights: 2 layers x 3 levels x (weights + gradient sums) x one block
+    # (32x128 + 128 + 128x32 + 32), and a little bookkeeping; no CMS state anywhere else
+    block = 32 * 128 + 128 + 128 * 32 + 32
+    for name in ("hope", "hope_attention"):
+        assert 2 * 3 * 2 * block <= sizes[name]["cms_state"] <= 1.01 * 2 * 3 * 2 * block, name
+    assert all(d["cms_state"] == 0 for n, d in sizes.items() if n not in ("hope", "hope_attention"))
+    assert "hope_cms_optimizer" not in zoo.DEFAULT_MODELS and zoo.CONFIG.models == zoo.DEFAULT_MODELS
 
 
 # -- accuracy split by kind ------------------------------------------------------------------------------
