@@ -341,12 +341,12 @@ def chosen_rate(tuning: list[pd.DataFrame], name: str) -> float | None:
 
 
 def run(config: Config, rundir: RunDir) -> None:
-    """Every (task, model); each lands on disk when done and is skipped on resume."""
+    """Every (model, task); each lands on disk when done and is skipped on resume."""
     results = rundir.results
     zoo = [rundir.read_table("zoo")] if (results / "zoo.csv").exists() else []
     tuning = [rundir.read_table("zoo_tuning")] if (results / "zoo_tuning.csv").exists() else []
-    for task in config.tasks:
-        for name in config.models:
+    for name in config.models:  # model by model, so that a cut-short run has every task of its first models
+        for task in config.tasks:
             part = f"{task}/{name}"
             if rundir.done(part):
                 rundir.log(f"[{part}] already finished, kept its rows")

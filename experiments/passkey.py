@@ -232,12 +232,12 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def run(config: Config, rundir: RunDir) -> None:
-    """Every (task, model); each lands on disk when done and is skipped on resume."""
+    """Every (model, task); each lands on disk when done and is skipped on resume."""
     results = rundir.results
     table = [rundir.read_table("passkey")] if (results / "passkey.csv").exists() else []
     tuning = [rundir.read_table("passkey_tuning")] if (results / "passkey_tuning.csv").exists() else []
-    for task in config.tasks:
-        for name in config.models:
+    for name in config.models:  # model by model, so that a cut-short run has every task of its first models
+        for task in config.tasks:
             part = f"{task}/{name}"
             if rundir.done(part):
                 rundir.log(f"[{part}] already finished, kept its rows")
