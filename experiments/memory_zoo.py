@@ -123,8 +123,10 @@ MODELS: dict[str, ZooModel] = {
     "transformer": ZooModel(nn.transformer, _ATTENTION),
     # not in the default runs: HOPE with the optimizer-level CMS (blocks step every 1, 4, 16 optimizer steps)
     "hope_cms_optimizer": ZooModel(nn.hope, {**_MEMORY, "memory_hidden": 2, "cms": "optimizer"}, CMS_PERIODS),
+    # not in the default runs: HOPE at its own memory width (memory_hidden 2 * d_head = 32), unmatched state
+    "hope_wide_memory": ZooModel(nn.hope, {**_MEMORY, "cms": "context"}),
 }
-DEFAULT_MODELS = tuple(name for name in MODELS if name != "hope_cms_optimizer")
+DEFAULT_MODELS = tuple(name for name in MODELS if name not in ("hope_cms_optimizer", "hope_wide_memory"))
 ATTENTION = ("hope_attention", "transformer")  # state = key-value cache, grows with the length
 
 

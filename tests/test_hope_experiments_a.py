@@ -72,7 +72,7 @@ def test_multikey_under_vmap_and_bad_arguments_named():
 
 def test_recurrent_models_match_state_and_attention_reports_its_growing_cache():
     length = 64
-    sizes = {name: zoo.describe(name, length) for name in zoo.MODELS}
+    sizes = {name: zoo.describe(name, length) for name in zoo.DEFAULT_MODELS}
     state = {name: d["state_size"] for name, d in sizes.items()}
     # DeltaNet's state by hand: 2 layers x (2 heads x 16^2 matrix + short-conv tail 3 taps x 3 x 32)
     assert state["deltanet"] == 2 * (2 * 16 * 16 + 3 * 3 * 32) == 1600
@@ -83,7 +83,7 @@ def test_recurrent_models_match_state_and_attention_reports_its_growing_cache():
             assert big == 4 * size, name
         else:  # matched to DeltaNet's within the rounding the docstring states (HOPE's 1.4x at most)
             assert 1600 <= size <= 1.4 * 1600, (name, size)
-    assert {n for n in zoo.MODELS if state[n] == 1600} >= {
+    assert {n for n in state if state[n] == 1600} >= {
         "linear_attention",
         "deltanet",
         "gated_deltanet",
@@ -95,7 +95,13 @@ def test_recurrent_models_match_state_and_attention_reports_its_growing_cache():
     for name in ("hope", "hope_attention"):
         assert 2 * 3 * 2 * block <= sizes[name]["cms_state"] <= 1.01 * 2 * 3 * 2 * block, name
     assert all(d["cms_state"] == 0 for n, d in sizes.items() if n not in ("hope", "hope_attention"))
-    assert "hope_cms_optimizer" not in zoo.DEFAULT_MODELS and zoo.CONFIG.models == zoo.DEFAULT_MODELS
+    assert zoo.CONFIG.models == zoo.DEFAULT_MODELS == tuple(n for n in zoo.MODELS if n in state)
+    # the two HOPE variants outside the default runs: the optimizer-level CMS has no in-context state,
+    # the wide memory is HOPE at memory_hidden 2 * d_head = 32: five MLP memories of 2 x 32 x 32 per layer
+    assert set(zoo.MODELS) - set(state) == {"hope_cms_optimizer", "hope_wide_memory"}
+    assert zoo.describe("hope_cms_optimizer", length)["cms_state"] == 0
+    wide = zoo.describe("hope_wide_memory", length)["state_size"]
+    assert wide == state["hope"] + 2 * 5 * 2 * 32 * (32 - 2)
 
 
 # -- accuracy split by kind ------------------------------------------------------------------------------
