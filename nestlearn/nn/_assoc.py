@@ -471,27 +471,25 @@ def memory_chunked(
     active = lay.active() if spec.momentum else None
     prepared = _prepare(spec, chunk_inputs[1], chunk_inputs[3], chunk_inputs[4], chunk_inputs[5], active)
     plain = MemoryState(state.weights, state.momentum)
-    if spec.online:
+    parallel = spec.memory == "linear" and not spec.momentum and not spec.stop_write_grad
+
+    if lay.pos is None:  # from a block boundary (or online): the chunk's gradients at its own start
+        partial = not spec.online and lay.n % spec.chunk != 0  # the last block stays open: keep its start
 
         def body(st, inputs):
             *chunk_in, lst, prep = inputs
-            out, st, surprise = _chunk(spec, st, chunk_in, lst, prep)
-            return st, (out, surprise)
+            out, new, surprise = _chunk(spec, st, chunk_in, lst, prep)
+            return new, (out, surprise, st.weights if partial else None)
 
-        if spec.memory == "linear" and not spec.momentum and not spec.stop_write_grad:
-            out, state, surprise, _ = _linear_parallel(spec, plain, chunk_inputs[:4], lay.last, prepared)
+        if parallel and spec.inner == "gd":
+            out, new, surprise, start = _linear_parallel(spec, plain, chunk_inputs[:4], lay.last, prepared)
         else:
-            state, (out, surprise) = jax.lax.scan(body, plain, (*chunk_inputs, lay.last, prepared))
+            new, (out, surprise, starts) = jax.lax.scan(body, plain, (*chunk_inputs, lay.last, prepared))
+            start = tuple(w[-1] for w in starts) if partial else new.weights
+        state = _block_state(spec, new.weights, new.momentum, start, lay.pos_after)
         return lay.take(out), state, {"surprise": lay.take(surprise)}
 
-    # mini-batch: the gradients of a chunk at the weights that opened its block
-    parallel = spec.memory == "linear" and not spec.momentum and not spec.stop_write_grad
-    if parallel and spec.inner == "gd" and lay.pos is None:
-        out, new, surprise, start = _linear_parallel(spec, plain, chunk_inputs[:4], lay.last, prepared)
-        state = _block_state(spec, new.weights, None, start, lay.pos_after)
-        return lay.take(out), state, {"surprise": lay.take(surprise)}
-    first = lay.first_base(state)
-
+    # inside a block: the first chunk's gradients at the open block's start (realigned chunks)
     def mini_body(carry, inputs):
         st, base, kept = carry
         *chunk_in, lst, prep, act, index = inputs
@@ -499,6 +497,7 @@ def memory_chunked(
         kept = jax.tree.map(lambda b, o: jnp.where(index <= lay.last_chunk, b, o), base, kept)
         return (st, st.weights, kept), (out, surprise)
 
+    first = lay.first_base(state)
     xs = (*chunk_inputs, lay.last, prepared, active, jnp.arange(lay.chunks))
     (new, _, kept), (out, surprise) = jax.lax.scan(mini_body, (plain, first, first), xs)
     state = _block_state(spec, new.weights, new.momentum, kept, lay.pos_after)

@@ -240,12 +240,9 @@ class SelfModifyingMemory(nnx.Module):
     def _chunked(self, state: dict, q: Array, proj: dict, reads):
         n = q.shape[0]
         lay = _Layout.of(self.spec, n, state["memory"].pos)
-        act = None if lay.pos is None else lay.active()  # inactive slots realign a resumed chunk
         log_rate = math.log(self.momentum_rate)
 
-        def body(carry, inputs):
-            st, base, kept = carry
-            qc, pc, lst, a, index = inputs
+        def one_chunk(st, base, qc, pc, lst, a):
             k, v, lr, gate = self._generate(base, pc, reads)
             log_beta = jnp.full_like(lr, log_rate)  # read only with momentum
             if a is not None:  # an inactive token: lr 0, retention 1, momentum rate 1
@@ -253,35 +250,48 @@ class SelfModifyingMemory(nnx.Module):
             log_gate = jnp.log(jnp.maximum(gate, 1e-30))
             targets = self._targets(base, v)
             mask = a if self.spec.momentum else None
-            new = {}
+            new, out, surprise = {}, None, None
             for name in MEMORIES:
                 query = qc if name == "memory" else k
                 inputs = (query, k, targets[name], lr, log_gate, log_beta)
-                out, new[name], surprise = _chunk(
-                    self.spec, st[name], inputs, lst, base=base[name], active=mask
-                )
-            kept = jax.tree.map(lambda b, o: jnp.where(index <= lay.last_chunk, b, o), base, kept)
-            return (new, {name: m.weights for name, m in new.items()}, kept), (out, surprise, lr, gate)
+                read, new[name], s = _chunk(self.spec, st[name], inputs, lst, base=base[name], active=mask)
+                if name == "memory":
+                    out, surprise = read, s
+            return new, (out, surprise, lr, gate)
 
         plain = {name: MemoryState(m.weights, m.momentum) for name, m in state.items()}
-        first = {name: lay.first_base(m) for name, m in state.items()}
-        xs = (
-            lay.place(q),
-            {key: lay.place(z) for key, z in proj.items()},
-            lay.last,
-            act,
-            jnp.arange(lay.chunks),
-        )
-        (new, _, kept), (out, surprise, lr, gate) = jax.lax.scan(body, (plain, first, first), xs)
+        xs = (lay.place(q), {key: lay.place(z) for key, z in proj.items()}, lay.last)
+        if lay.pos is None:  # from a chunk boundary: every chunk's gradients at its own start
+            partial = n % self.spec.chunk != 0  # the last chunk stays open: keep its start
+
+            def body(st, inputs):
+                weights = {name: m.weights for name, m in st.items()}
+                new, ys = one_chunk(st, weights, *inputs, None)
+                return new, (*ys, weights if partial else None)
+
+            new, (out, surprise, lr, gate, starts) = jax.lax.scan(body, plain, xs)
+            take = (lambda w: w[-1]) if partial else (lambda w: w)  # noqa: E731
+            kept = {
+                name: jax.tree.map(take, starts[name] if partial else m.weights) for name, m in new.items()
+            }
+        else:  # inside a chunk: the first chunk's gradients at the open chunk's start (realigned)
+
+            def body(carry, inputs):
+                st, base, kept = carry
+                *chunk_in, index = inputs
+                new, ys = one_chunk(st, base, *chunk_in)
+                kept = jax.tree.map(lambda b, o: jnp.where(index <= lay.last_chunk, b, o), base, kept)
+                return (new, {name: m.weights for name, m in new.items()}, kept), ys
+
+            first = {name: lay.first_base(m) for name, m in state.items()}
+            xs = (*xs, lay.active(), jnp.arange(lay.chunks))
+            (new, _, kept), (out, surprise, lr, gate) = jax.lax.scan(body, (plain, first, first), xs)
         state = {
             name: _block_state(self.spec, m.weights, m.momentum, kept[name], lay.pos_after)
             for name, m in new.items()
         }
-        return (
-            lay.take(out),
-            state,
-            {"surprise": lay.take(surprise), "lr": lay.take(lr), "retention": lay.take(gate)},
-        )
+        aux = {"surprise": lay.take(surprise), "lr": lay.take(lr), "retention": lay.take(gate)}
+        return lay.take(out), state, aux
 
     def _scanned(self, state: dict, q: Array, proj: dict, reads):
         def step(carry, inputs):
