@@ -86,6 +86,12 @@ def test_primitive_streams_in_pieces_and_tokens_like_whole(name):
                 outs.append(out)
             np.testing.assert_allclose(jnp.concatenate(outs), ref_out, rtol=2e-5, atol=2e-5)
             _assert_states_close(state, ref_state)
+        # ending on a block boundary (8 = 2 blocks): one state whether fed whole or cut inside a block
+        ref8 = fn(spec, MemoryState(start.weights, start.momentum), *(z[:8] for z in (q, k, v, lr, retention)),
+                  None if b is None else b[:8])[1]  # fmt: skip
+        mid = fn(spec, start, *(z[:3] for z in (q, k, v, lr, retention)), None if b is None else b[:3])[1]
+        end = fn(spec, mid, *(z[3:8] for z in (q, k, v, lr, retention)), None if b is None else b[3:8])[1]
+        _assert_states_close(end, ref8)
 
 
 def test_token_by_token_is_not_the_online_rule():

@@ -37,7 +37,14 @@ Two paths compute the same thing:
   chunk's residuals, solved with one ``solve_triangular``.
 
 Both paths carry the state across calls, handle sequences shorter than a chunk and a partial last chunk,
-and report the per-token *surprise* :math:`\lVert\nabla\ell_t\rVert` (Titans' name for it).
+and report the per-token *surprise* :math:`\lVert\nabla\ell_t\rVert` (Titans' name for it). A
+mini-batch memory's state also holds its block's position and starting weights (:class:`MemoryState`),
+so a sequence fed whole, in pieces of any length or token by token gives the same outputs and state.
+
+``inner="dgd"`` replaces gradient descent by Delta Gradient Descent (Nested Learning),
+:math:`W_i = (\alpha_i I - \eta_i x_i^\top x_i) W_{i-1} - \eta_i x_i^\top \delta_i` per layer with the
+gradient signal :math:`\delta_i` at the block start: an online delta rule with key :math:`x_i` and value
+:math:`-\delta_i`, so the chunkwise path solves one unit lower-triangular system per layer and chunk.
 
 References:
   Katharopoulos et al. 2020 (linear attention); Schlag et al. 2021 and Yang et al. 2024 (DeltaNet and its
@@ -148,7 +155,10 @@ def initial_state(spec: MemorySpec, weights: tuple[Array, ...]) -> MemoryState:
     """The state at a reset: the given (meta-learned) weights, zero momentum, at the start of a block.
 
     For ``online=False`` the block fields are filled (``base`` = the weights, ``pos`` = 0, with the
-    weights' leading axes), so every state a call returns has the structure of this one.
+    weights' leading axes), so every state a call returns has the structure of this one (a ``lax.scan``
+    carry can start here). A whole sequence from a reset runs a little faster from
+    ``MemoryState(weights, momentum)``, which the chunkwise path knows at trace time to be at a boundary;
+    the layers' ``apply`` without a state does that.
     """
     weights = tuple(weights)
     momentum = tuple(jnp.zeros_like(w) for w in weights) if spec.momentum else None
@@ -158,10 +168,16 @@ def initial_state(spec: MemorySpec, weights: tuple[Array, ...]) -> MemoryState:
 
 
 def _block_state(spec: MemorySpec, weights, momentum, base, pos) -> MemoryState:
-    """The state a call returns: the block fields only for mini-batch (``online=False``) memories."""
+    """The state a call returns: the block fields only for mini-batch (``online=False``) memories.
+
+    At a boundary (``pos == 0``) the next block opens at the current weights, so ``base`` is set to them:
+    one state, however the sequence was cut.
+    """
     if spec.online:
         return MemoryState(weights, momentum)
-    return MemoryState(weights, momentum, base, jnp.asarray(pos, jnp.int32) % spec.chunk)
+    pos = jnp.asarray(pos, jnp.int32) % spec.chunk
+    base = tuple(jnp.where(pos[..., None, None] == 0, w, b) for w, b in zip(weights, base, strict=True))
+    return MemoryState(weights, momentum, base, pos)
 
 
 # -- the memory as a function ----------------------------------------------------------------------------
