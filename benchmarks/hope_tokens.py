@@ -1,7 +1,7 @@
 """Tokens per second of self-modifying Titans and HOPE with plain GD against DGD inside (issue 12).
 
-    python benchmarks/hope_tokens.py [--models self_modifying_titans hope] [--inner gd dgd]
-        [--paths chunk token] [--cms off] [--d-model 32] [--layers 2] [--length 256] [--batch 8] [--reps 5]
+    python benchmarks/hope_tokens.py [--models self_modifying_titans hope] [--inner gd-issue6 gd dgd]
+        [--paths chunk token] [--cms optimizer context] [--d-model 32] [--layers 2] [--length 256] [--batch 8] [--reps 5]
         [--legacy] [--out benchmarks/results/hope_tokens_cpu.json]
 
 Each cell (model, inner optimizer, path) builds the model at a small size (``--d-model 32``, 2 layers,
@@ -10,8 +10,14 @@ of the next-token cross-entropy over every position (the training loss, forward 
 sequences from a reset. All cells are compiled first, called once to warm up, then called ``--reps`` times
 in rotation (so load from other users hits every cell alike); tokens/s = batch * length / median time.
 
-``--cms``: the in-context CMS axis. Only ``off`` exists today (HOPE's CMS channel as it is); when the
-in-context CMS lands, add its constructor keyword in :func:`cms_kwargs` and ``on`` becomes a choice.
+``--cms``: HOPE's CMS, ``context`` (the in-context CMS, blocks learning from the tokens every 16, 64, 256
+tokens: the default since issue 12) or ``optimizer`` (the optimizer-level CMS: inside a sequence a frozen
+3-block MLP chain, what HOPE had before). Models without a CMS run once (``-``).
+
+``--inner``: ``gd`` (gradient descent with retention), ``dgd`` (Delta Gradient Descent, the default since
+issue 12), and ``gd-issue6``: the whole pre-issue-12 mixer (plain GD, the main memory writing ``v``,
+L2-normalised values). ``gd-issue6`` with ``--cms optimizer`` is HOPE before issue 12; ``dgd`` with
+``--cms context`` is HOPE after it.
 
 ``--legacy`` times the algorithm as it was before issue 12 (plain GD, the main memory writing ``v``,
 L2-normalised values) where the constructor has those switches, and any model of ``nestlearn.nn`` with a
@@ -39,11 +45,13 @@ from nestlearn import nn
 HERE = Path(__file__).resolve().parent
 
 
+def has_cms(name: str) -> bool:
+    return "cms" in inspect.signature(getattr(nn, name)).parameters
+
+
 def cms_kwargs(model: str, cms: str) -> dict:
-    """Constructor keywords of the CMS axis (the hook for the in-context CMS; only ``off`` today)."""
-    if cms == "off":
-        return {}
-    raise ValueError(f"--cms {cms!r} is not available yet (only 'off'); add its keywords in cms_kwargs")
+    """Constructor keywords of the CMS axis."""
+    return {"cms": cms} if has_cms(model) else {}
 
 
 def build(name: str, inner: str, path: str, cms: str, args) -> nnx.Module:
@@ -51,10 +59,10 @@ def build(name: str, inner: str, path: str, cms: str, args) -> nnx.Module:
     accepted = inspect.signature(build_fn).parameters
     kw = dict(vocab=args.vocab, d_model=args.d_model, n_layers=args.layers, heads=args.heads, path=path)
     if "inner" in accepted:
-        kw["inner"] = inner
+        kw["inner"] = "gd" if inner == "gd-issue6" else inner
     elif inner != "gd":
         raise ValueError(f"{name} has no inner= switch (only gd)")
-    if args.legacy:
+    if args.legacy or inner == "gd-issue6":
         for key, value in (("main_target", "v"), ("normalize_values", True)):
             if key in accepted:
                 kw[key] = value
@@ -79,9 +87,11 @@ def program(model: nnx.Module, tokens):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["self_modifying_titans", "hope"])
-    p.add_argument("--inner", nargs="+", default=["gd", "dgd"], choices=["gd", "dgd"])
+    p.add_argument(
+        "--inner", nargs="+", default=["gd-issue6", "gd", "dgd"], choices=["gd-issue6", "gd", "dgd"]
+    )
     p.add_argument("--paths", nargs="+", default=["chunk", "token"], choices=["chunk", "token"])
-    p.add_argument("--cms", nargs="+", default=["off"], help="CMS axis (only 'off' until the in-context CMS)")
+    p.add_argument("--cms", nargs="+", default=["optimizer", "context"], choices=["optimizer", "context"])
     p.add_argument("--d-model", type=int, default=32)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
@@ -104,7 +114,7 @@ def main(argv=None) -> int:
     cells = {}
     for model in args.models:
         for inner in args.inner:
-            for cms in args.cms:
+            for cms in args.cms if has_cms(model) else ["-"]:
                 for path in args.paths:
                     compiled, params, compile_s = program(build(model, inner, path, cms, args), tokens)
                     jax.block_until_ready(compiled(params))  # warm-up
