@@ -33,7 +33,7 @@ BASES = (1.0, 2.0, 4.0)
 
 def cms_sgd(learning_rate, period_base, momentum):
     b = jnp.round(period_base)
-    return nn.cms_optimizer(optax.sgd(learning_rate, momentum), (1, b, b * b))
+    return nn.cms_optimizer(optax.sgd(learning_rate, momentum), (1, b, b * b), io_period=1)
 
 
 def main() -> None:
@@ -71,7 +71,7 @@ def main() -> None:
     def concrete():
         rows = []
         for b in BASES:
-            opt = nn.cms_optimizer(optax.sgd(0.01, 0.9), (1, int(b), int(b) ** 2))
+            opt = nn.cms_optimizer(optax.sgd(0.01, 0.9), (1, int(b), int(b) ** 2), io_period=1)
             learner = continual.Learner(model, opt, continual.Naive(), config)
             rows += [learner.run(stream, [s]).acc_matrix[0] for s in seeds]
         return np.stack(rows)

@@ -74,7 +74,7 @@ STREAMS = {"permuted": 64, "split_domain": 32}  # stream -> steps per task
 def cms_sgd(learning_rate, period_base, momentum):
     """SGD with momentum under the CMS rule with periods (1, b, b^2); b may be traced (a swept value)."""
     b = jnp.round(period_base)
-    return nn.cms_optimizer(optax.sgd(learning_rate, momentum), (1, b, b * b))
+    return nn.cms_optimizer(optax.sgd(learning_rate, momentum), (1, b, b * b), io_period=1)
 
 
 def injected_cms(base: float = 1.0):
@@ -125,10 +125,10 @@ def run_with_telemetry(learner, stream, seeds, sweep, periods_of):
 
 def methods(scale: Config, steps: int):
     """name -> (optimizer, strategy, sweep, swept key)."""
-    off = nn.cms_optimizer(optax.sgd(0.01, 0.9), (1, 1, 1))
+    off = nn.cms_optimizer(optax.sgd(0.01, 0.9), (1, 1, 1), io_period=1)
     return {
         "cms": (injected_cms(), continual.Naive(), {"optimizer.period_base": scale.bases}, "optimizer.period_base"),
-        "nested": (nn.cms_optimizer(optax.sgd(0.01, 0.9), (1, 4, 16)), continual.nested_cms((1, 4, 16)),
+        "nested": (nn.cms_optimizer(optax.sgd(0.01, 0.9), (1, 4, 16), io_period=1), continual.nested_cms((1, 4, 16)),
                    {"rate": scale.nested_rates}, "rate"),
         "fastslow": (off, continual.FastSlow(), {"period": scale.fs_periods, "rate": scale.fs_rates}, "rate"),
         "ewc": (off, continual.EWC(lam=100.0), {}, None),

@@ -89,6 +89,12 @@ class Config:
             raise ConfigError(f"lengths {self.lengths} and pairs {self.pairs} must be non-empty and pair up")
         if not self.seeds or not self.widths:
             raise ConfigError("seeds and widths must each name at least one")
+        for name in ("widths", "lengths", "pairs"):
+            if any(v <= 0 for v in getattr(self, name)):
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("chunk", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("steps", "language_steps"):  # trained in chunks of `chunk`
             if getattr(self, name) <= 0 or getattr(self, name) % self.chunk:
                 raise ConfigError(
@@ -122,12 +128,12 @@ FORGETTING_MODELS: dict[str, Callable] = {
 LANGUAGE_MODELS: dict[str, tuple[Callable, tuple[int, ...] | None]] = {
     "transformer": (functools.partial(nn.transformer, heads=2), None),
     "deltanet": (MODELS["deltanet"], None),
-    "hope_attention": (functools.partial(nn.hope_attention, heads=2), (1, 4, 16)),
+    "hope_attention": (functools.partial(nn.hope_attention, heads=2, cms="optimizer"), (1, 4, 16)),
 }
 TELEMETRY_MODELS: dict[str, Callable] = {
     "deltanet": MODELS["deltanet"],
     "titans": functools.partial(nn.titans, chunk=CHUNK),
-    "hope": functools.partial(nn.hope, chunk=CHUNK),
+    "hope": functools.partial(nn.hope, chunk=CHUNK, cms="optimizer"),
 }
 
 
@@ -135,7 +141,7 @@ def optimizer(periods=None) -> optax.GradientTransformation:
     """AdamW at ``LR``; with CMS ``periods``, the CMS rule (block l every periods[l] steps) over it."""
     if periods is None:
         return optax.adamw(LR)
-    return nn.cms_optimizer(optax.adamw(LR), periods)
+    return nn.cms_optimizer(optax.adamw(LR), periods, io_period=1)
 
 
 def _model_fn(build: Callable, width: int) -> Callable:
@@ -341,7 +347,7 @@ def hope_ablation(scale: Config, log=print) -> tuple[pd.DataFrame, pd.DataFrame]
     """HOPE with the CMS off, with periods (1, 1, 1) and with (1, 4, 16), on the two languages."""
     curve_rows, rows = [], []
     for variant, periods in HOPE_PERIODS.items():
-        build = nn.self_modifying_titans if periods is None else nn.hope
+        build = nn.self_modifying_titans if periods is None else functools.partial(nn.hope, cms="optimizer")
         curve, lang = two_languages(build, periods, scale)
         _language_rows(f"hope_{variant}", scale, curve, lang, curve_rows, rows, log)
     return pd.DataFrame(curve_rows), pd.DataFrame(rows)

@@ -6,4 +6,11 @@ from nestlearn.engine._cache import enable_compilation_cache
 # JAX's persistent compilation cache, on by default (see nestlearn.engine.enable_compilation_cache).
 COMPILATION_CACHE = enable_compilation_cache()
 
-__all__ = ["COMPILATION_CACHE", "CheckpointError", "ConfigError", "DataError", "NestlearnError", "OperatingError"]
+__all__ = [
+    "COMPILATION_CACHE",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "NestlearnError",
+    "OperatingError",
+]

@@ -259,7 +259,7 @@ BUILDERS = {
     "transformer": lambda **kw: nn.transformer(heads=2, **kw),
     "linear_attention": nn.linear_attention,
     "deltanet": nn.deltanet,
-    "hope": nn.hope,
+    "hope": lambda **kw: nn.hope(cms="optimizer", **kw),
 }
 
 
@@ -276,7 +276,7 @@ t0 = time.perf_counter()
 for name in MQAR_MODELS:
     for width in WIDTHS:
         fn = model_fn(name, VOCAB, width)
-        tx = nn.cms_optimizer(optax.adamw(LR), (1, 4, 16)) if name == "hope" else optax.adamw(LR)
+        tx = nn.cms_optimizer(optax.adamw(LR), (1, 4, 16), io_period=1) if name == "hope" else optax.adamw(LR)
         trainer = nn.SeqTrainer(
             fn, tx, mqar_sample, steps=MQAR_STEPS, chunk=MQAR_CHUNK, eval_batches=EVAL_BATCHES
         )
@@ -413,7 +413,10 @@ def language_run(build, tx, seeds):
 
 
 variants = {
-    "HOPE, CMS (1, 4, 16)": (nn.hope, nn.cms_optimizer(optax.adamw(LR), (1, 4, 16))),
+    "HOPE, CMS (1, 4, 16)": (
+        lambda **kw: nn.hope(cms="optimizer", **kw),
+        nn.cms_optimizer(optax.adamw(LR), (1, 4, 16), io_period=1),
+    ),
     "CMS off (self-mod. Titans)": (nn.self_modifying_titans, optax.adamw(LR)),
     "Transformer": (BUILDERS["transformer"], optax.adamw(LR)),
 }

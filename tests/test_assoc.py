@@ -260,6 +260,7 @@ def test_short_conv_is_causal_depthwise_and_carries_its_tail():
     [
         nn.linear_attention,
         nn.deltanet,
+        nn.minibatch_delta,
         nn.ttt_linear,
         nn.ttt_mlp,
         nn.titans,

@@ -127,6 +127,26 @@ def test_cms_optimizer_updates_each_block_at_its_period():
     assert {k: int(v) for k, v in nn.level_steps(state).items()} == dict.fromkeys(counts, 6)
 
 
+def test_cms_optimizer_puts_io_in_the_slowest_level_by_default():
+    # periods (1, 3): io (embedding, head, aggregate) steps with block 1, at steps 2 and 5, by -0.5 * 3
+    # each (SGD lr 0.5 on a constant gradient of ones); block 0 every step.
+    _, _, p = cms_params(levels=2)
+    tx = nn.cms_optimizer(optax.sgd(0.5), (1, 3))
+    state, params = tx.init(p), p
+    ones = jax.tree.map(jnp.ones_like, p)
+    start = {k: [np.asarray(x) for x in v] for k, v in nn._cms._groups(p).items()}
+    update = jax.jit(tx.update)
+    moved = []
+    for _ in range(6):
+        u, state = update(ones, state, params)
+        params = optax.apply_updates(params, u)
+        io = nn._cms._groups(params)["io"]
+        moved.append(float(np.max(np.abs(np.asarray(io[0]) - start["io"][0]))))
+    np.testing.assert_allclose(moved, [0, 0, 1.5, 1.5, 1.5, 3.0], atol=1e-6)
+    counts = {k: int(v) for k, v in nn.level_num_updates(state, (1, 3)).items()}
+    assert counts == {"block0": 6, "block1": 2, "io": 2}
+
+
 def test_telemetry_by_hand():
     _, _, p = cms_params(levels=3, width=4, hidden=3)
     # Move block1 by +1 everywhere: its norm is sqrt(#entries) = sqrt(4*3 + 3 + 3*4 + 4) = sqrt(31).

@@ -59,7 +59,7 @@ def cli(args, capsys):
         (["optim.reset_per_task=maybe"], "optim.reset_per_task: expected true or false"),
         # Checked by the learner before the run directory is made: strengths and sweeps of every strategy.
         (["strategies=naive,ewc", "ewc.lam=-5"], "EWC.lam must be finite and non-negative, got -5.0"),
-        (["strategies=ewc", "ewc.lam=nan"], "EWC.lam must be finite and non-negative, got nan"),
+        (["strategies=ewc", "ewc.lam=nan"], "ewc.lam must be a finite number, got nan"),
         (["strategies=si", "sweep.si=1,-1"], "SI.c must be finite and non-negative, got -1.0"),
     ],
 )

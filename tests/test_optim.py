@@ -422,25 +422,28 @@ def test_delta_momentum_beta_zero_is_heavy_ball():
         np.testing.assert_allclose(ut, ur, rtol=1e-6)
 
 
-def test_deep_momentum_hand_trajectory():
-    # hidden = 1: w_in = w_out = 1, f(g) = w_out tanh(w_in g). One coordinate (n = 1), g = 0.5, then 1.0.
-    # ℓ = ½ (f(g) - g)², r = f(g) - g; by hand ∂ℓ/∂w_out = r tanh(w_in g),
-    # ∂ℓ/∂w_in = r w_out (1 - tanh²(w_in g)) g. With η_m = 1, α = 1: w <- w - ∂ℓ/∂w; u = -η f_new(g).
-    w_in, w_out, eta = 1.0, 1.0, 0.1
+def test_deep_momentum_reconstruct_hand_trajectory():
+    # objective="reconstruct", hidden = 1 (a = 1, b = m = 0 at the start), one coordinate, g = 0.5 then 1.0.
+    # f(g) = m + b tanh(a g); ℓ = ½ (f(g) - g)², r = f(g) - g; by hand ∂ℓ/∂m = r, ∂ℓ/∂b = r tanh(a g),
+    # ∂ℓ/∂a = r b (1 - tanh²(a g)) g. With η_m = 1, α = 1: φ <- φ - ∂ℓ/∂φ; u = -η f_new(g).
+    m, a, b, eta = 0.0, 1.0, 0.0, 0.1
     want = []
     for g in (0.5, 1.0):
-        th = np.tanh(w_in * g)
-        r = w_out * th - g
-        w_in, w_out = w_in - r * w_out * (1 - th**2) * g, w_out - r * th
-        want.append(-eta * w_out * np.tanh(w_in * g))
-    tx = optim.deep_momentum(eta, memory_lr=1.0, hidden=1)
+        th = np.tanh(a * g)
+        r = m + b * th - g
+        m, a, b = m - r, a - r * b * (1 - th**2) * g, b - r * th
+        want.append(-eta * (m + b * np.tanh(a * g)))
+    tx = optim.deep_momentum(eta, memory_lr=1.0, decay=1.0, objective="reconstruct", hidden=1)
     s = tx.init(jnp.zeros(1))
     got = []
     for g in (0.5, 1.0):
         u, s = tx.update(jnp.full(1, g), s)
         got.append(float(u[0]))
     np.testing.assert_allclose(got, want, rtol=1e-5)
-    np.testing.assert_allclose([float(s.w_in[0]), float(s.w_out[0])], [w_in, w_out], rtol=1e-5)
+    mem = s[0].memory
+    np.testing.assert_allclose(
+        [float(mem["m"][0]), float(mem["a"][0, 0]), float(mem["b"][0, 0])], [m, a, b], rtol=1e-5
+    )
     with pytest.raises(ValueError, match="hidden"):
         optim.deep_momentum(0.1, hidden=0)
 
@@ -490,27 +493,29 @@ def test_delta_gradient_descent_transform_equals_step():
         tx.update({"k": kernel}, tx.init(p), p)
 
 
-def test_m3_hand_trajectory_vector_leaf():
-    # 1-D leaf (no Newton–Schulz), b1 = b2 = b3 = 0.5, α = 1, f = 2, ε = 0, η = 0.1; g = 1, then 2.
+def test_m3_adam_ema_hand_trajectory_vector_leaf():
+    # variant="adam_ema" (the earlier rule). 1-D leaf (no Newton–Schulz), b1 = b2 = b3 = 0.5, α = 1, f = 2,
+    # ε = 0, η = 0.1; g = 1, then 2.
     #   t=0: m1 = .5, v = .5, acc = 1, no slow update (m2 = 0); m̂1 = .5/.5 = 1, v̂ = 1: u = -0.1
     #   t=1: m1 = .25 + 1 = 1.25, v = .25 + 2 = 2.25, acc = 3; slow: m2 = 0 + .5(3/2 - 0) = .75.
     #        m̂1 = 1.25/.75 = 5/3, v̂ = 2.25/.75 = 3: u = -0.1 (5/3 + .75)/√3
-    tx = optim.m3(0.1, b1=0.5, b2=0.5, b3=0.5, alpha=1.0, slow_period=2, eps=0.0)
+    tx = optim.m3(0.1, b1=0.5, b2=0.5, b3=0.5, alpha=1.0, slow_period=2, eps=0.0, variant="adam_ema")
     s = tx.init(jnp.zeros(1))
     u1, s = tx.update(jnp.ones(1), s)
     u2, s = tx.update(jnp.full(1, 2.0), s)
     np.testing.assert_allclose(
         [float(u1[0]), float(u2[0])], [-0.1, -0.1 * (5 / 3 + 0.75) / np.sqrt(3)], rtol=1e-6
     )
-    np.testing.assert_allclose(s.mu_slow, [0.75])
-    np.testing.assert_allclose(s.acc, [0.0])
+    np.testing.assert_allclose(s[0].mu_slow, [0.75])
+    np.testing.assert_allclose(s[0].acc, [0.0])
 
 
-def test_m3_matrix_leaf_is_orthogonalised():
-    # With α = 0 and one step, the update is -η NS(ĝ/√(ĝ²)) = -η NS(sign(g)): Newton–Schulz keeps the
-    # singular vectors of its input and maps its singular values into about [0.5, 1.5] (Muon's iteration).
+def test_m3_adam_ema_matrix_leaf_is_orthogonalised():
+    # variant="adam_ema": with α = 0 and one step, the update is -η NS(ĝ/√(ĝ²)) = -η NS(sign(g)):
+    # Newton–Schulz keeps the singular vectors of its input and maps its singular values into about
+    # [0.5, 1.5] (Muon's iteration).
     g = jnp.asarray(np.random.default_rng(2).normal(size=(5, 3)), jnp.float32)
-    tx = optim.m3(1.0, alpha=0.0, slow_period=4)
+    tx = optim.m3(1.0, alpha=0.0, slow_period=4, variant="adam_ema")
     u, _ = tx.update(g, tx.init(g))
     a = np.sign(np.asarray(g))
     ua, sa, vta = np.linalg.svd(a, full_matrices=False)

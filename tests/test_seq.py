@@ -213,7 +213,14 @@ def test_cms_channel_against_numpy_and_one_level_is_the_mlp():
 def test_cms_labels_on_a_two_layer_hope_attention():
     model = nnx.eval_shape(  # shapes suffice: labels depend on paths only
         lambda: hope_attention(
-            vocab=16, d_model=8, n_layers=2, heads=2, cms_levels=3, cms_hidden=8, rngs=nnx.Rngs(0)
+            vocab=16,
+            d_model=8,
+            n_layers=2,
+            heads=2,
+            cms="optimizer",
+            cms_levels=3,
+            cms_hidden=8,
+            rngs=nnx.Rngs(0),
         )
     )
     params = nnx.split(model, nnx.Param)[1]

@@ -19,6 +19,7 @@ data (TensorStore's chunks carry none by default), hence the manifest.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nestlearn._errors import CheckpointError
+from nestlearn._errors import CheckpointError, OperatingError
 
 MANIFEST = "nestlearn-manifest.json"
 _CHUNK = 1 << 20
@@ -179,13 +180,20 @@ class Checkpoints:
 
     Args:
       directory: the checkpoint directory (created if needed).
-      keep: how many checkpoints to keep (>= 1): what a damaged newest one falls back to.
+      keep: how many checkpoints to keep (>= 1): what a damaged newest one falls back to (default
+        ``$NESTLEARN_KEEP_CHECKPOINTS``, else 3; the command line's ``--keep-checkpoints`` sets it).
       report: keyword-only; where the one-line reports of damaged checkpoints go (default: stderr).
     """
 
     def __init__(
-        self, directory: str | Path, *, keep: int = 3, report: Callable[[str], None] = _warn
+        self, directory: str | Path, *, keep: int | None = None, report: Callable[[str], None] = _warn
     ) -> None:
+        if keep is None:
+            text = os.environ.get("NESTLEARN_KEEP_CHECKPOINTS", "3")
+            try:
+                keep = int(text)
+            except ValueError:
+                raise ValueError(f"NESTLEARN_KEEP_CHECKPOINTS must be a positive int, got {text!r}") from None
         if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
             raise ValueError(f"keep must be a positive int (checkpoints kept), got {keep!r}")
         self.directory = Path(directory).absolute()
@@ -198,15 +206,36 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, record: dict[str, np.ndarray]) -> None:
-        """Writes checkpoint ``step`` (replacing nothing: steps only grow), then its manifest."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_to_storable(state)), record=ocp.args.StandardSave(record)
-            ),
-        )
-        self.manager.wait_until_finished()
+        """Writes checkpoint ``step`` (replacing nothing: steps only grow), then its manifest.
+
+        A disk without room for it is refused before Orbax writes anything
+        (:class:`~nestlearn.OperatingError`, ``ENOSPC``), and so is a write that fails for lack of room.
+        """
+        need = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves((state, record)))
+        self._check_room(need)
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(_to_storable(state)), record=ocp.args.StandardSave(record)
+                ),
+            )
+            self.manager.wait_until_finished()
+        except Exception as e:
+            if "RESOURCE_EXHAUSTED" in str(e) or "No space left" in str(e):
+                raise OperatingError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.directory)) from e
+            raise
         write_manifest(self.directory / str(step))
+
+    def _check_room(self, need: int) -> None:
+        free = shutil.disk_usage(self.directory if self.directory.exists() else self.directory.parent).free
+        if free < 1.25 * need + (1 << 20):
+            raise OperatingError(
+                errno.ENOSPC,
+                f"{os.strerror(errno.ENOSPC)} (a checkpoint needs about {need / 2**20:.1f} MiB, "
+                f"{free / 2**20:.1f} MiB free)",
+                str(self.directory),
+            )
 
     def restore(self, step: int, abstract_state: Any, record: dict[str, np.ndarray]) -> tuple[Any, dict]:
         """``(state, record)`` of checkpoint ``step``; ``abstract_state`` gives shapes, dtypes, shardings.

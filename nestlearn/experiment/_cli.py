@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib.util
+import os
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -75,16 +78,76 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", type=Path, default=None, help="run directory (default: runs/EXPERIMENT)")
     run.add_argument("--quick", action="store_true", help="a small, fast version of the experiment")
-    group = run.add_mutually_exclusive_group()
-    group.add_argument(
-        "--resume", action="store_true", help="continue a run directory from its last checkpoint"
+    run.add_argument(
+        "--resume", action="store_true", help="continue a run directory from its last good checkpoint"
     )
-    group.add_argument("--force", action="store_true", help="replace an existing run directory")
+    run.add_argument("--force", action="store_true", help="replace an existing run directory")
+    run.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=None,
+        metavar="K",
+        help="checkpoints kept per part (default 3): what a damaged newest one falls back to",
+    )
     sub.add_parser("list", help="list the experiments")
     return parser
 
 
+EXIT_CONFIG = 2  # the input is wrong: a config value, a data file, a damaged run directory
+EXIT_OPERATING = 3  # the machine refused: a full disk, a read-only or missing directory, a file in the way
+
+_ADVICE = {
+    errno.ENOSPC: "free disk space, or write elsewhere with --out",
+    errno.EDQUOT: "free disk space (quota exceeded), or write elsewhere with --out",
+    errno.EROFS: "the file system is read-only; write elsewhere with --out",
+    errno.EACCES: "no permission; write elsewhere with --out or fix the directory's permissions",
+    errno.EPERM: "no permission; write elsewhere with --out or fix the directory's permissions",
+    errno.ENOENT: "a directory on the way is missing; create it or choose another --out",
+    errno.ENOTDIR: "a file is in the way where a directory is needed; move it or choose another --out",
+    errno.EEXIST: "a file is in the way; move it or choose another --out",
+    errno.EISDIR: "a directory is in the way where a file is needed; move it or choose another --out",
+}
+
+
+def operating_message(e: OSError) -> str:
+    """One line for an operating fault: what failed, the path, and what to do."""
+    path = e.filename if e.filename is not None else ""
+    what = e.strerror or type(e).__name__
+    advice = _ADVICE.get(e.errno, "check the path and the disk")
+    return f"{what}: {path} ({advice})" if path else f"{what} ({advice})"
+
+
+def _has_checkpoint(out: Path) -> bool:
+    ckpt = out / "checkpoints"
+    return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.rglob("*") if p.is_dir())
+
+
+def _run(args) -> Path | None:
+    name, module = load_experiment(args.experiment)
+    out = args.out or Path("runs") / (name + ("-quick" if args.quick else ""))
+    config = resolve(module, args.sets, quick=args.quick)
+    modes = {"quick": args.quick, "resume": args.resume, "force": args.force}
+    fresh = not out.exists()
+    try:
+        if isinstance(config, ExperimentConfig):
+            from nestlearn.experiment._run import run_experiment
+
+            return run_experiment(config, out, experiment=name, **modes).directory
+        from nestlearn.experiment._study import run_study
+
+        return run_study(module.run, config, out, experiment=name, **modes).path
+    except (NestlearnError, OSError):
+        # A run this call started that failed before its first checkpoint is removed, so that the
+        # corrected rerun is not blocked; one with checkpoints stays, for --resume.
+        if fresh and out.is_dir() and not _has_checkpoint(out):
+            shutil.rmtree(out, ignore_errors=True)
+        elif fresh and out.is_dir():
+            print(f"nestlearn: the run so far is kept in {out}; continue it with --resume", file=sys.stderr)
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns 0, 2 (config, data or run-directory error) or 3 (operating fault)."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "list":
@@ -94,21 +157,22 @@ def main(argv: list[str] | None = None) -> int:
                         doc = (load_experiment(str(path))[1].__doc__ or "").strip().splitlines()
                         print(f"{path.stem}: {doc[0] if doc else ''}")
             return 0
-        name, module = load_experiment(args.experiment)
-        out = args.out or Path("runs") / (name + ("-quick" if args.quick else ""))
-        config = resolve(module, args.sets, quick=args.quick)
-        modes = {"quick": args.quick, "resume": args.resume, "force": args.force}
-        if isinstance(config, ExperimentConfig):
-            from nestlearn.experiment._run import run_experiment
-
-            directory = run_experiment(config, out, experiment=name, **modes).directory
-        else:
-            from nestlearn.experiment._study import run_study
-
-            directory = run_study(module.run, config, out, experiment=name, **modes).path
+        if args.command == "run" and args.keep_checkpoints is not None:
+            if args.keep_checkpoints < 1:
+                raise ConfigError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
+            os.environ["NESTLEARN_KEEP_CHECKPOINTS"] = str(args.keep_checkpoints)
+        if args.resume and args.force:
+            raise ConfigError(
+                "--resume and --force contradict each other: --resume continues a run, --force "
+                "replaces it; give one"
+            )
+        directory = _run(args)
+    except OSError as e:
+        print(f"nestlearn: operating error: {operating_message(e)}", file=sys.stderr)
+        return EXIT_OPERATING
     except NestlearnError as e:
         print(f"nestlearn: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     print(f"results: {directory / 'results'}")
     print(f"figures: {directory / 'figures'}")
     return 0

@@ -8,6 +8,8 @@ the field in every error. :func:`validate` checks ranges before anything is writ
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
 from typing import Any, Literal
@@ -95,12 +97,18 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
-    """Steps and evaluation: ``epochs`` passes over each task, or exactly ``steps_per_task`` if set."""
+    """Steps and evaluation: ``epochs`` passes over each task, or exactly ``steps_per_task`` if set.
+
+    ``blowup``: a finite training loss above it marks the run diverged, like a NaN or inf one (a
+    cross-entropy of a 10-class problem starts near 2.3; 1e6 means the run has exploded), so a run whose
+    loss explodes but stays finite is never reported as a chance-level accuracy.
+    """
 
     epochs: float = 2.0
     steps_per_task: int = 0
     batch_size: int = 64
     evals_per_task: int = 5
+    blowup: float = 1e6
 
 
 SweepConfig = dataclasses.make_dataclass(
@@ -248,13 +256,134 @@ def _check_type(key: str, hint: Any, value: Any) -> Any:
     return value
 
 
+INT_LIMIT = 2**31 - 1  # step counters, sizes and indices are int32 on device
+MAX_SEED = 2**32 - 1
+
+
+def check_values(config: Any, prefix: str = "") -> Any:
+    """Checks every value of a (nested) dataclass config for what no field may hold, whatever it means.
+
+    Floats must be finite (``nan``, ``inf`` and ``1e999``, which parses as ``inf``, are refused); ints must
+    fit the int32 counters and sizes a compiled program uses; a field named ``seed``, ``first_seed`` or
+    ``seeds`` must lie in the PRNG's range ``[0, 2**32 - 1]``. Raises :class:`ConfigError` naming the field.
+    Ranges that depend on the field's meaning are each config's own ``validate``.
+    """
+    for field in dataclasses.fields(config):
+        key = f"{prefix}{field.name}"
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            check_values(value, f"{key}.")
+            continue
+        items = value if isinstance(value, tuple) else (value,)
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{key} must be a finite number, got {item!r}")
+            seed = field.name in ("seed", "first_seed") or (
+                field.name == "seeds" and isinstance(value, tuple)
+            )
+            if seed and not 0 <= item <= MAX_SEED:
+                raise ConfigError(f"{key}: seed {item} is outside the PRNG's range [0, 2**32 - 1]")
+            if not seed and isinstance(item, int) and abs(item) > INT_LIMIT:
+                raise ConfigError(f"{key} = {item} is too large (at most {INT_LIMIT}, the int32 limit)")
+    return config
+
+
+def _strategy_checks(config: ExperimentConfig) -> None:
+    # The strategies that run check their own sections (with their own messages) before the run directory
+    # is made; a section set for a strategy that does not run is still a bad value and refused here.
+    for name in REGISTRY:
+        if name in config.strategies:
+            continue
+        section = getattr(config, name)
+        for field in dataclasses.fields(section):
+            value = getattr(section, field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if value < 0:
+                raise ConfigError(f"{name}.{field.name} must be non-negative, got {value!r}")
+
+
+def _available_bytes() -> tuple[int, str]:
+    """Memory one run may use: the first device's limit where JAX reports one, else the host's RAM."""
+    try:
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        if stats.get("bytes_limit"):
+            return int(stats["bytes_limit"]), f"{jax.devices()[0].device_kind} memory"
+    except Exception:  # noqa: BLE001 - no backend stats: fall back to the host's RAM
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
+
+
+def _data_size(config: ExperimentConfig) -> tuple[int, int, int, int]:
+    """Train and test examples, input features and classes of the configured data (before splitting)."""
+    if config.data.stream == "split_digits":
+        return 1_437, 360, 64, 10
+    return (60_000, 10_000, 784, 10) if config.data.mnist_path else (4_000, 1_000, 784, 10)
+
+
+def estimate_bytes(config: ExperimentConfig) -> dict[str, int]:
+    """An estimate of the largest arrays a run of ``config`` allocates, by what holds them (bytes, float32).
+
+    The data (the stream's tasks: permuted and rotated streams hold one transformed copy per task), the
+    run states (parameters, gradient, optimizer and strategy state for every run: seed and swept value),
+    one training batch per run with its activations, and replay buffers. It is a floor, not a bound: XLA
+    adds temporaries.
+    """
+    n_train, n_test, dim, classes = _data_size(config)
+    copies = config.data.n_tasks if config.data.stream in ("permuted_mnist", "rotated_mnist") else 1
+    widths = (dim, *config.model.hidden, classes)
+    params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    runs = config.seeds * max(
+        1, max((len(getattr(config.sweep, f.name)) for f in dataclasses.fields(config.sweep)), default=1)
+    )
+    buffers = max(
+        (
+            getattr(getattr(config, n), f)
+            for n in config.strategies
+            for f in ("buffer_size", "memory_size")
+            if hasattr(getattr(config, n), f)
+        ),
+        default=0,
+    )
+    return {
+        "data": 4 * copies * (n_train + n_test) * dim,
+        "run states": 4 * 8 * params * runs,  # params, grads, two optimizer moments, four strategy copies
+        "batches": 4 * 3 * config.train.batch_size * sum(widths) * runs,
+        "buffers": 4 * buffers * (dim + classes) * runs,
+    }
+
+
+def check_memory(config: ExperimentConfig) -> None:
+    """Refuses a config whose :func:`estimate_bytes` exceeds the memory available, with the estimate."""
+    parts = estimate_bytes(config)
+    total = sum(parts.values())
+    available, where = _available_bytes()
+    if total > available:
+        gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+        detail = ", ".join(f"{k} {gib(v)}" for k, v in parts.items() if v >= 2**30 / 10)
+        raise ConfigError(
+            f"this run would allocate at least {gib(total)} ({detail}), more than the {gib(available)} of "
+            f"{where}: reduce seeds, sweep values, model.hidden, train.batch_size or data.n_tasks"
+        )
+
+
 def validate(config: ExperimentConfig) -> ExperimentConfig:
-    """Checks ranges; raises :class:`ConfigError` naming the first field out of range."""
+    """Checks types' values and ranges, then the memory estimate; a :class:`ConfigError` names the field.
+
+    Everything here runs before a run directory or a dataset is touched.
+    """
+    check_values(config)
+    _strategy_checks(config)
     positive = {
         "optim.lr": config.optim.lr,
         "train.batch_size": config.train.batch_size,
         "train.epochs": config.train.epochs,
         "train.evals_per_task": config.train.evals_per_task,
+        "train.blowup": config.train.blowup,
         "data.n_tasks": config.data.n_tasks,
         "seeds": config.seeds,
     }
@@ -280,4 +409,26 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
             )
     if config.first_seed < 0:
         raise ConfigError(f"first_seed must be non-negative, got {config.first_seed}")
+    if config.first_seed + config.seeds - 1 > MAX_SEED:
+        raise ConfigError(
+            f"seeds: first_seed + seeds - 1 = {config.first_seed + config.seeds - 1} is outside the PRNG's "
+            "range [0, 2**32 - 1]"
+        )
+    per_task = config.train.steps_per_task or math.ceil(
+        config.train.epochs * 60_000 / config.train.batch_size
+    )
+    if per_task * config.data.n_tasks > INT_LIMIT:
+        raise ConfigError(
+            f"train: {per_task} steps per task x {config.data.n_tasks} tasks overflows the int32 step counter "
+            f"({INT_LIMIT}); reduce train.epochs or train.steps_per_task"
+        )
+    if config.train.batch_size > _data_size(config)[0]:
+        raise ConfigError(
+            f"train.batch_size ({config.train.batch_size}) exceeds the {_data_size(config)[0]} training examples"
+        )
+    if config.train.evals_per_task > max(per_task, 1):
+        raise ConfigError(
+            f"train.evals_per_task ({config.train.evals_per_task}) exceeds the steps per task ({per_task})"
+        )
+    check_memory(config)
     return config

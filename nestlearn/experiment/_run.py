@@ -71,6 +71,7 @@ def train_config(config: ExperimentConfig, stream: tasks.TaskStream) -> TrainCon
         batch_size=t.batch_size,
         evals_per_task=t.evals_per_task,
         reset_optimizer=config.optim.reset_per_task,
+        blowup=t.blowup,
     )
 
 
@@ -181,16 +182,29 @@ def run_experiment(
     figures = write_figures(rundir.figures, results) if make_figures else []
     rundir.mark_complete(strategies=list(results))
     for name, r in results.items():
-        ok = ~r.diverged
-        if ok.any():
-            acc = r.acc_matrix[ok, -1].mean(-1)
-            sem = acc.std(ddof=1) / np.sqrt(acc.size) if acc.size > 1 else 0.0
-            log(f"[{name}] final average accuracy {acc.mean():.4f} ± {sem:.4f} (s.e.m., {acc.size} seeds)")
-        if (~ok).any():
-            log(
-                f"[{name}] DIVERGED seeds {np.asarray(seeds)[~ok].tolist()} at steps {r.diverged_step[~ok].tolist()}"
-            )
+        log_summary(name, r, log)
     return RunOutput(directory=out, results=results, tables=table_paths, figures=figures)
+
+
+def log_summary(name: str, result: StreamResult, log: Callable[[str], None]) -> None:
+    """One line per strategy (per swept value in a sweep): final average accuracy over the runs that did
+    not diverge, mean ± s.e.m. over seeds, and a DIVERGED line naming every diverged run and its step."""
+    key = swept_key(result)
+    values = [None] if key is None else list(dict.fromkeys(run[key] for run in result.runs))
+    for value in values:
+        rows = [i for i, run in enumerate(result.runs) if key is None or run[key] == value]
+        label = name if key is None else f"{name} {key}={value:g}"
+        diverged = [i for i in rows if result.diverged[i]]
+        ok = [i for i in rows if not result.diverged[i]]
+        if ok:
+            acc = result.acc_matrix[ok, -1].mean(-1)
+            sem = acc.std(ddof=1) / np.sqrt(acc.size) if acc.size > 1 else 0.0
+            log(f"[{label}] final average accuracy {acc.mean():.4f} ± {sem:.4f} (s.e.m., {acc.size} seeds)")
+        if diverged:
+            runs = ", ".join(
+                f"seed {result.runs[i]['seed']} at step {int(result.diverged_step[i])}" for i in diverged
+            )
+            log(f"[{label}] DIVERGED ({len(diverged)} of {len(rows)} runs, left out of the mean): {runs}")
 
 
 def _restore(manager, step, learner, stream, runs, hparams, mesh, recorder):

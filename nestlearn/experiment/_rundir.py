@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,13 @@ def atomic_write(path: Path, write: Any, mode: str = "w") -> Path:
     """Writes ``path`` through a temporary file in the same directory and ``os.replace``.
 
     ``write`` is a string/bytes, or a callable taking the open file. A reader never sees a half-written
-    file, and a failure leaves any previous version untouched.
+    file, and a failure leaves any previous version untouched. The file's mode follows the umask, as
+    ``open()``'s does (``tempfile.mkstemp`` alone would make it 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
     try:
         with os.fdopen(fd, mode) as f:
             if callable(write):
@@ -85,10 +87,11 @@ def tidy_tables(results: dict[str, StreamResult]) -> dict[str, pd.DataFrame]:
     Every table has a column per key of ``result.runs`` (the seed, and in a sweep the hyperparameters).
 
     Returns:
-      ``accuracy_matrix`` (strategy, seed, trained_task, eval_task, accuracy), ``curves`` (strategy,
-      seed, point, step, trained_task, eval_task, accuracy, diverged), ``summary`` (strategy, seed, one
+      ``accuracy_matrix`` (strategy, seed, trained_task, eval_task, accuracy, diverged_step), ``curves``
+      (strategy, seed, point, step, trained_task, eval_task, accuracy, diverged, diverged_step), ``summary`` (strategy, seed, one
       column per metric of :func:`nestlearn.metrics.summary`, diverged_step). A diverged seed keeps its rows
-      with ``diverged`` set, and its summary metrics are NaN, so no average can silently include it.
+      with ``diverged`` and the step it diverged at (``diverged_step``, -1 for none), its accuracies after
+      that step are NaN (empty in the CSV), and its summary metrics are NaN, so no average can silently include it.
     """
     acc_rows, curve_frames, summary_rows = [], [], []
     for name, r in results.items():
@@ -103,6 +106,7 @@ def tidy_tables(results: dict[str, StreamResult]) -> dict[str, pd.DataFrame]:
                     "trained_task": ti.ravel(),
                     "eval_task": tj.ravel(),
                     "accuracy": r.acc_matrix.ravel(),
+                    "diverged_step": r.diverged_step[si.ravel()],
                 }
             )
         )
@@ -119,6 +123,7 @@ def tidy_tables(results: dict[str, StreamResult]) -> dict[str, pd.DataFrame]:
                     "eval_task": tj.ravel(),
                     "accuracy": r.curve_acc.ravel(),
                     "diverged": r.diverged[si.ravel()],
+                    "diverged_step": r.diverged_step[si.ravel()],
                 }
             )
         )
@@ -165,11 +170,17 @@ def _jsonable(config: Any) -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     """Versions of the libraries that produce results, stored with every run."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import flax
     import jax
     import optax
 
-    return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
+    try:
+        own = version("nestlearn")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        own = "unknown"
+    return {"nestlearn": own, "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
 
 
 class RunDir:
@@ -249,6 +260,18 @@ class RunDir:
                 stored = json.loads(cfg_file.read_text())
             except json.JSONDecodeError as e:
                 raise ConfigError(f"--resume: {cfg_file} is not valid JSON ({e})") from None
+            if stored.get("experiment", experiment) != experiment:
+                raise ConfigError(
+                    f"--resume: {out} holds a run of {stored.get('experiment')!r}, not {experiment!r}; choose "
+                    "another --out"
+                )
+            theirs = stored.get("versions", {}).get("nestlearn")
+            ours = versions()["nestlearn"]
+            if theirs is not None and theirs != ours:
+                raise ConfigError(
+                    f"--resume: the run in {out} was written by nestlearn {theirs}, this is {ours}; its "
+                    f"checkpoints may not fit: rerun with --force (or install nestlearn {theirs} to finish it)"
+                )
             stored_cfg = from_dict(type(config), stored.get("config", {}))
             if stored_cfg != config:
                 diff = _differences(_jsonable(config), _jsonable(stored_cfg))
@@ -354,7 +377,7 @@ class RunDir:
         tables = tidy_tables(results)
         return dict(zip(tables, write_tables(self.results, tables)))
 
-    def checkpoints(self, part: str = "", *, keep: int = 3):
+    def checkpoints(self, part: str = "", *, keep: int | None = None):
         """An :class:`nestlearn.engine.Checkpoints` under ``checkpoints/`` (``checkpoints/<part>``).
 
         Use it as a context manager; ``latest()`` is ``None`` in a fresh run and the last saved chunk in

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from nestlearn._errors import ConfigError
-from nestlearn.experiment._config import override
+from nestlearn.experiment._config import check_values, override
 from nestlearn.experiment._rundir import RunDir
 
 
@@ -71,6 +71,7 @@ def run_study(
     """
     if not dataclasses.is_dataclass(config) or isinstance(config, type):
         raise ConfigError(f"experiment {experiment!r}: CONFIG must be a dataclass instance, got {config!r}")
+    check_values(config)
     if callable(getattr(config, "validate", None)):
         config.validate()
     rundir = RunDir.create(

@@ -335,7 +335,9 @@ def summary(R, b=None) -> dict[str, np.ndarray]:
         out.
 
     Returns:
-      A dict from metric name to its value, each of shape ``[...]``.
+      A dict from metric name to its value, each of shape ``[...]``. A run whose matrix holds a NaN (a
+      diverged run) gets NaN for *every* metric, also those whose entries predate the divergence (forward
+      transfer reads only entries above the diagonal), so a diverged run is never summarised.
 
     Examples:
       >>> import numpy as np
@@ -361,4 +363,5 @@ def summary(R, b=None) -> dict[str, np.ndarray]:
     out["forgetting_avalanche"] = forgetting_avalanche(R)
     out["forgetting_mammoth"] = forgetting_mammoth(R)
     out["backward_transfer_continuum"] = backward_transfer_continuum(R)
-    return out
+    diverged = np.isnan(R).any(axis=(-2, -1))  # a diverged run's matrix holds NaN after its divergence
+    return {k: np.where(diverged, np.nan, v) for k, v in out.items()}

@@ -17,8 +17,11 @@ from nestlearn.nn._attention import CausalAttention, rotary
 from nestlearn.nn._cms import (
     CMSMLP,
     CMSBlock,
+    ContextCMS,
+    ContextCMSState,
     block_cka,
     block_cosine,
+    block_forward,
     block_label,
     cms_labels,
     cms_optimizer,
@@ -26,11 +29,13 @@ from nestlearn.nn._cms import (
     level_steps,
     level_update_norms,
     linear_cka,
+    next_step_loss,
 )
 from nestlearn.nn._memory_models import (
     deltanet,
     hope,
     linear_attention,
+    minibatch_delta,
     self_modifying_titans,
     state_size,
     titans,
@@ -44,17 +49,22 @@ from nestlearn.nn._seq import (
     MLPChannel,
     SequenceBlock,
     SequenceModel,
+    cms_channel,
     hope_attention,
     transformer,
 )
 from nestlearn.nn._seqtrain import SeqTrainer, SeqTrainState, finite_mean, query_loss
+from nestlearn.nn._ttt import TTTLayer, TTTState, ttt_apply, ttt_chunked, ttt_initial_state, ttt_scan
 
 __all__ = ["MLP", "torch_linear_init"]
 __all__ += [
     "CMSMLP",
     "CMSBlock",
+    "ContextCMS",
+    "ContextCMSState",
     "block_cka",
     "block_cosine",
+    "block_forward",
     "block_label",
     "cms_labels",
     "cms_optimizer",
@@ -62,6 +72,7 @@ __all__ += [
     "level_steps",
     "level_update_norms",
     "linear_cka",
+    "next_step_loss",
 ]
 __all__ += [
     "AssociativeMemory",
@@ -70,12 +81,18 @@ __all__ += [
     "MemoryState",
     "ShortConv",
     "SelfModifyingMemory",
+    "TTTLayer",
+    "TTTState",
     "initial_state",
     "inner_loss",
     "memory_apply",
     "memory_chunked",
     "memory_scan",
     "memory_statistics",
+    "ttt_apply",
+    "ttt_chunked",
+    "ttt_initial_state",
+    "ttt_scan",
 ]
 __all__ += [
     "CMSChannel",
@@ -85,11 +102,13 @@ __all__ += [
     "SeqTrainer",
     "SequenceBlock",
     "SequenceModel",
+    "cms_channel",
     "deltanet",
     "finite_mean",
     "hope",
     "hope_attention",
     "linear_attention",
+    "minibatch_delta",
     "query_loss",
     "rotary",
     "self_modifying_titans",

@@ -555,6 +555,17 @@ class AssociativeMemory(nnx.Module):
       lr: the inner learning rate (its maximum when ``lr_from_input``).
       lr_from_input: make the rate a per-token gate of the input; else constant ``lr``.
       gate: a per-token retention gate from the input (initialised near 1); else no forgetting.
+      decay: where the retention acts in a delta-rule write. ``"titans"``: on the state, beside the
+        gradient step taken at the undecayed state, :math:`M_t = \alpha_t M_{t-1} - \eta_t
+        \nabla\ell_t(M_{t-1})` (Titans, Nested Learning). ``"gated_deltanet"``: decay first, then the delta
+        rule at the decayed state, :math:`M_t = \alpha_t M_{t-1} - \eta_t k_t^\top(\alpha_t k_t M_{t-1} -
+        v_t)`, i.e. :math:`S_t = \alpha_t(I - \eta_t k_t k_t^\top) S_{t-1} + \eta_t k_t v_t^\top` (Yang et
+        al. 2024, Gated DeltaNet). The two differ by :math:`\eta_t(1 - \alpha_t) k_t^\top k_t M_{t-1}`.
+        The Gated DeltaNet write is the Titans write with rate :math:`\alpha_t\eta_t` and target
+        :math:`v_t / \alpha_t`, which is how it runs on the same primitive (both paths); choice: the
+        retention is clipped at ``1e-6`` in this form, so the target never divides by ~0 (a retention of
+        ``1e-6`` already erases the memory). Needs a matrix memory, the ``"l2"`` objective, per-token
+        gradients and no momentum; its ``surprise`` is the gradient's norm at the decayed state.
       normalize: L2-normalise queries and keys (keeps the delta rule stable for ``lr <= 1``).
       conv: taps of the :class:`ShortConv` on queries, keys and values (0: none).
       path: ``"chunk"`` (chunkwise parallel) or ``"token"`` (per-token scan); the results agree.
@@ -584,6 +595,7 @@ class AssociativeMemory(nnx.Module):
         lr: float = 1.0,
         lr_from_input: bool = True,
         gate: bool = True,
+        decay: Literal["titans", "gated_deltanet"] = "titans",
         normalize: bool = True,
         conv: int = 4,
         path: str = "chunk",
@@ -594,7 +606,16 @@ class AssociativeMemory(nnx.Module):
             raise ValueError(f"heads ({heads}) and d_head ({d_head}) must be >= 1")
         if path not in ("chunk", "token"):
             raise ValueError(f"path must be 'chunk' or 'token', got {path!r}")
+        if decay not in ("titans", "gated_deltanet"):
+            raise ValueError(f"decay must be 'titans' or 'gated_deltanet', got {decay!r}")
+        plain_delta = memory == "linear" and objective == "l2" and not momentum and online
+        if decay == "gated_deltanet" and not plain_delta:
+            raise ValueError(
+                "decay='gated_deltanet' needs memory='linear', objective='l2', momentum=False, online=True, "
+                f"got {memory!r}, {objective!r}, {momentum!r}, {online!r}"
+            )
         self.spec = MemorySpec(memory, objective, momentum, online, chunk, stop_write_grad)
+        self.decay = decay
         self.heads, self.d_head, self.path = heads, d_head, path
         self.lr, self.lr_from_input, self.gate, self.normalize = lr, lr_from_input, gate, normalize
         width = heads * d_head
@@ -660,7 +681,15 @@ class AssociativeMemory(nnx.Module):
         if self.normalize:
             q, k = _l2_normalize(q), _l2_normalize(k)
         lr, retention, beta = self.gates(x)
-        out, memory, surprise = run_memory(self.spec, self.path, state.memory, q, k, v, lr, retention, beta)
+        write_lr, write_v = lr, v
+        if self.decay == "gated_deltanet":  # a M - a lr k^T(k M - v / a): the delta rule at the decayed a M
+            retention = jnp.maximum(retention, 1e-6)
+            write_lr, write_v = lr * retention, v / retention[..., None]
+        out, memory, surprise = run_memory(
+            self.spec, self.path, state.memory, q, k, write_v, write_lr, retention, beta
+        )
+        if self.decay == "gated_deltanet":
+            surprise = surprise * retention  # || k^T (a k M - v) ||
         state = LayerState(memory, tail)
         aux = {"surprise": surprise, "lr": lr, "retention": retention, "diverged_at": _first_nonfinite(out)}
         if beta is not None:

@@ -78,7 +78,7 @@ class DeltaGDState(NamedTuple):
     count: jax.Array
 
 
-def delta_gradient_descent(learning_rate: jax.typing.ArrayLike) -> optax.GradientTransformationExtraArgs:
+def delta_gradient_descent(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
     r"""Delta Gradient Descent as an optax transform; the layer inputs come in as the extra argument ``inputs``.
 
     The gradient of a linear layer is :math:`G = \frac{1}{B}\sum_b x_b \delta_b^\top`, so the rule of
@@ -94,9 +94,11 @@ def delta_gradient_descent(learning_rate: jax.typing.ArrayLike) -> optax.Gradien
     ``grads`` is the gradient of the *mean* loss (as ``jax.grad`` gives it). The inputs are collected,
     e.g., from ``nnx`` intermediates or by returning them as the auxiliary value of
     ``jax.value_and_grad(..., has_aux=True)``. Written by hand: optax has no input-dependent step.
+    The rate enters :math:`\eta'` nonlinearly, so it cannot be split off as ``optax.scale_by_learning_rate``;
+    a schedule is evaluated here instead, at the step count (:math:`\eta_t`, from 0, as optax's).
 
     Args:
-      learning_rate: :math:`\eta`.
+      learning_rate: :math:`\eta`, a number or an optax schedule of the step count.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update`` requires ``inputs``.
@@ -126,14 +128,15 @@ def delta_gradient_descent(learning_rate: jax.typing.ArrayLike) -> optax.Gradien
             xs = treedef.flatten_up_to(inputs)
         except (ValueError, TypeError) as e:
             raise ValueError(f"inputs must have the structure of params (None where unused): {e}") from e
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         out = []
         for k, g, x in zip(jax.tree.leaves(params), treedef.flatten_up_to(updates), xs):
             if x is None:
-                out.append(-jnp.asarray(learning_rate, g.dtype) * g)
+                out.append(-jnp.asarray(lr, g.dtype) * g)
             else:
                 x = jnp.asarray(x, k.dtype)
                 _check(k, x)
-                out.append(_dgd_update(k, x, g, learning_rate).astype(g.dtype))
+                out.append(_dgd_update(k, x, g, lr).astype(g.dtype))
         return jax.tree.unflatten(treedef, out), DeltaGDState(optax.safe_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
