@@ -22,13 +22,17 @@ validation topics (the alphabetically last ones) are text the model never saw.
 Setup (default): context 256 characters, batch 8 random windows of the training text per step, 300
 steps of AdamW (lr 3e-3, optax's weight decay) on the mean next-character cross-entropy at every
 position, seeds 0, 1 and 2 (one program per model, seeds vmapped). Models (``MODELS``, the one table to
-change), 2 layers each: HOPE at width 24 (self-modifying Titans + a 3-level CMS whose block l steps every
-C(l) = (1, 4, 16) outer steps, ``nestlearn.nn.cms_optimizer``), and a Transformer (2 heads, RoPE) and
-Titans at the widths whose parameter counts come closest to HOPE's (``matched_width``; the counts are in
+change), 2 layers each: HOPE at width 24 (self-modifying Titans + the paper's in-context CMS, block l
+learning from the tokens every C(l) = 16, 64, 256 tokens, ``nn.hope``'s default; ``hope_opt_1_4_16`` is
+the optimizer-level CMS instead, blocks stepping every 1, 4, 16 outer steps), and a Transformer (2 heads,
+RoPE) and Titans at the widths whose parameter counts come closest to HOPE's (``matched_width``; the counts are in
 results/params.csv and the log). Memories use chunks of 16 tokens. Evaluated on the first 128
 non-overlapping 257-character windows of the validation text (or all of them if fewer): bits per
 character = cross-entropy / ln 2, per position and in buckets of 32 positions (does a model use its
-context better further in?).
+context better further in?). Then at twice the training context, 512 characters (``long_context``): a
+model that streams (``SequenceModel.init_state``/``apply``: HOPE, Titans) reads each window in pieces of
+256 with its state carried; the Transformer (no key-value cache kept) reads the whole window, past the
+length it was trained on.
 
 Differences from the paper: the paper's language-modelling results are at 340M-1.3B parameters on 15-100B
 tokens of web text, at 4K-token contexts, with in-context CMS chunks of 512-32K tokens; here the models
@@ -74,10 +78,14 @@ class Variant(NamedTuple):
 
 # The one table of models. A new model option (in-context CMS, DGD as inner optimizer) is one line here.
 MODELS: dict[str, Variant] = {
-    "hope": Variant(functools.partial(nn.hope, chunk=CHUNK), (1, 4, 16)),
+    # in-context CMS (the paper's), periods 16, 64, 256 tokens (nn.hope's default)
+    "hope": Variant(functools.partial(nn.hope, chunk=CHUNK, cms="context")),
+    # optimizer-level CMS: block l steps every C(l) outer steps, constant inside a sequence
+    "hope_opt_1_4_16": Variant(functools.partial(nn.hope, chunk=CHUNK, cms="optimizer"), (1, 4, 16)),
     "titans": Variant(functools.partial(nn.titans, chunk=CHUNK)),
     "transformer": Variant(functools.partial(nn.transformer, heads=2)),
-    "hope_cms_off": Variant(functools.partial(nn.self_modifying_titans, chunk=CHUNK)),
+    "hope_cms_off": Variant(functools.partial(nn.hope, chunk=CHUNK, cms=None)),
+    "deltanet": Variant(functools.partial(nn.deltanet, chunk=CHUNK)),  # cheap, for tests and the notebook
 }
 
 
@@ -96,6 +104,7 @@ class Config:
     lr: float = 3e-3
     bucket: int = 32  # positions per bucket of the per-position curve
     eval_windows: int = 128
+    long_context: int = 512  # evaluated beyond training, the state carried; 0 skips (a multiple of context)
 
     def validate(self) -> None:
         if not self.seeds:
@@ -112,6 +121,10 @@ class Config:
             raise ConfigError(f"width must be even (2 heads), got {self.width}")
         if self.context % self.bucket:
             raise ConfigError(f"context ({self.context}) must be a multiple of bucket ({self.bucket})")
+        if self.long_context < 0 or self.long_context % self.context:
+            raise ConfigError(
+                f"long_context ({self.long_context}) must be 0 or a positive multiple of context ({self.context})"
+            )
         if self.steps <= 0 or self.chunk <= 0 or self.steps % self.chunk:
             raise ConfigError(f"steps ({self.steps}) must be a positive multiple of chunk ({self.chunk})")
         if not self.lr > 0:
@@ -183,6 +196,36 @@ def position_loss(model, windows: jax.Array) -> jax.Array:
     return jax.lax.map(one, windows.reshape(n // EVAL_BATCH, EVAL_BATCH, width)).sum(0) / n
 
 
+def streams(model) -> bool:
+    """Whether ``model`` can run a stream in pieces with its state carried (``init_state``/``apply``; softmax
+    attention keeps no key-value cache, so a Transformer cannot)."""
+    if not callable(getattr(model, "init_state", None)):
+        return False
+    try:
+        jax.eval_shape(lambda: model.init_state(1))
+    except ValueError:
+        return False
+    return True
+
+
+def carried_position_loss(model, windows: jax.Array, piece: int) -> jax.Array:
+    """:func:`position_loss` with the window fed in pieces of ``piece`` tokens, each piece starting from the
+    state the previous one left (``model.apply(tokens, state)``), so a window longer than the training
+    context is read as a stream. ``[T]`` nats; pure and jittable."""
+    n, width = windows.shape
+    pieces = (width - 1) // piece
+
+    def one(w):
+        state, losses = model.init_state(w.shape[0]), []
+        for p in range(pieces):
+            logits, state = model.apply(w[:, p * piece : (p + 1) * piece], state)
+            labels = w[:, p * piece + 1 : (p + 1) * piece + 1]
+            losses.append(optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum(0))
+        return jnp.concatenate(losses)
+
+    return jax.lax.map(one, windows.reshape(n // EVAL_BATCH, EVAL_BATCH, width)).sum(0) / n
+
+
 def n_params(model_fn: Callable) -> int:
     """The number of trainable floats (``nnx.Param`` leaves) of ``model_fn(rngs)``, without allocating."""
     abstract = jax.eval_shape(lambda: model_fn(nnx.Rngs(0)))
@@ -219,14 +262,19 @@ def widths(config: Config) -> dict[str, int]:
 def optimizer(config: Config, periods) -> optax.GradientTransformation:
     """AdamW at ``config.lr``; with CMS ``periods``, the CMS rule (block l every periods[l] steps) over it."""
     inner = optax.adamw(config.lr)
-    return inner if periods is None else nn.cms_optimizer(inner, periods)
+    return inner if periods is None else nn.cms_optimizer(inner, periods, io_period=1)
 
 
 def train_model(name: str, width: int, config: Config, rundir: RunDir | None = None, log=print):
     """Trains one model for every seed and evaluates it per position on the validation windows.
 
+    With ``config.long_context``, the validation windows are also read at that longer length: a model that
+    streams (:func:`streams`) in pieces of ``context`` with its state carried (``mode="carried"``), any
+    other (softmax attention) on the whole window at once, past the length it was trained on
+    (``mode="whole"``; RoPE extrapolates the positions).
+
     Returns:
-      ``(rows, position_rows, curve_rows)`` as in the result tables.
+      ``(rows, position_rows, curve_rows, long_rows)`` as in the result tables.
     """
     train, valid = split(corpus())
     variant = MODELS[name]
@@ -263,7 +311,28 @@ def train_model(name: str, width: int, config: Config, rundir: RunDir | None = N
     log(f"[char lm] {name:>12} d={width:<3} {params} params: validation bpc {describe(bits.mean(1))} "
         f"(first {config.bucket} positions {describe(first)}, last {describe(last)})  "
         f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
-    return rows, position_rows, curve_rows
+    long_rows = []
+    if config.long_context:
+        long_windows = jnp.asarray(validation_windows(valid, config.long_context, config.eval_windows))
+        mode = "carried" if streams(model_fn(nnx.Rngs(0))) else "whole"
+        if mode == "carried":
+            read = lambda m: carried_position_loss(m, long_windows, config.context)  # noqa: E731
+        else:
+            read = lambda m: position_loss(m, long_windows)  # noqa: E731
+        long_bits = np.array(jax.jit(jax.vmap(lambda p: read(trainer.apply(p))))(res["state"].params))
+        long_bits = long_bits / math.log(2)
+        long_bits[res["diverged"]] = np.nan
+        for s, seed in enumerate(config.seeds):
+            rows[s].update(long_mode=mode, long_windows=len(long_windows),
+                           long_bpc_within=long_bits[s, : config.context].mean(),
+                           long_bpc_beyond=long_bits[s, config.context :].mean())  # fmt: skip
+            for b in range(config.long_context // config.bucket):
+                long_rows.append({"model": name, "seed": seed, "mode": mode, "position": b * config.bucket,
+                                  "bpc": long_bits[s, b * config.bucket : (b + 1) * config.bucket].mean()})  # fmt: skip
+        log(f"[char lm] {name:>12} at {config.long_context} characters ({mode}): positions < {config.context} "
+            f"{describe(long_bits[:, : config.context].mean(1))}, beyond "
+            f"{describe(long_bits[:, config.context :].mean(1))}")  # fmt: skip
+    return rows, position_rows, curve_rows, long_rows
 
 
 def describe(values) -> str:
@@ -295,10 +364,13 @@ def run(config: Config, rundir: RunDir) -> None:
             rundir.log(f"[char lm] {name} already finished, kept its rows")
             continue
         tables = train_model(name, matched[name], config, rundir, rundir.log)
-        for part, rows in zip(("", "_positions", "_curves"), tables):
-            rundir.write_table(f"parts/{name}{part}", pd.DataFrame(rows))
+        for part, rows in zip(("", "_positions", "_curves", "_long"), tables):
+            if rows:
+                rundir.write_table(f"parts/{name}{part}", pd.DataFrame(rows))
         rundir.mark_done(f"model_{name}")
-    for part in ("", "_positions", "_curves"):
+    for part in (
+        ("", "_positions", "_curves", "_long") if config.long_context else ("", "_positions", "_curves")
+    ):
         frames = [rundir.read_table(f"parts/{n}{part}") for n in config.models]
         rundir.write_table(f"char_lm{part}", pd.concat(frames, ignore_index=True))
     figures(rundir.path)
@@ -319,7 +391,8 @@ def figures(out: Path) -> None:
 
 def figure(results: Path):
     """Left: validation bits per character against context position (bucket means, mean ± s.e.m. over
-    seeds). Right: training bits per character over steps."""
+    seeds). Middle (when results/char_lm_long.csv exists): the same over windows longer than the training
+    context, the training length dashed. Right: training bits per character over steps."""
     import matplotlib.pyplot as plt
 
     from nestlearn import plot
@@ -328,17 +401,28 @@ def figure(results: Path):
     positions = pd.read_csv(results / "char_lm_positions.csv")
     curves = pd.read_csv(results / "char_lm_curves.csv")
     params = summary.groupby("model", sort=False)["params"].first()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(plot.DOUBLE_COLUMN, 2.4))
-    for i, (name, g) in enumerate(positions.groupby("model", sort=False)):
-        stats = g.groupby("position")["bpc"].agg(["mean", "sem"]).reset_index()
-        sem = stats["sem"].fillna(0)
-        label = f"{name.replace('_', ' ')} ({params[name] / 1000:.0f}k)"
-        left.plot(stats["position"], stats["mean"], marker="o", ms=2.5, lw=0.9, color=f"C{i}", label=label)
-        left.fill_between(stats["position"], stats["mean"] - sem, stats["mean"] + sem, color=f"C{i}", alpha=0.2,
-                          lw=0)  # fmt: skip
-    left.set_xlabel("context position (bucket start)")
+    long = results / "char_lm_long.csv"
+    panels = 3 if long.exists() else 2
+    fig, axes = plt.subplots(1, panels, figsize=(plot.DOUBLE_COLUMN, 2.4))
+    left, right = axes[0], axes[-1]
+    tables = [(left, positions)] + ([(axes[1], pd.read_csv(long))] if panels == 3 else [])
+    for ax, table in tables:
+        for i, (name, g) in enumerate(table.groupby("model", sort=False)):
+            stats = g.groupby("position")["bpc"].agg(["mean", "sem"]).reset_index()
+            sem = stats["sem"].fillna(0)
+            label = f"{name.replace('_', ' ')} ({params[name] / 1000:.0f}k)"
+            if "mode" in g:
+                label = f"{name.replace('_', ' ')} ({g['mode'].iloc[0]})"
+            ax.plot(stats["position"], stats["mean"], marker="o", ms=2.5, lw=0.9, color=f"C{i}", label=label)
+            ax.fill_between(stats["position"], stats["mean"] - sem, stats["mean"] + sem, color=f"C{i}",
+                            alpha=0.2, lw=0)  # fmt: skip
+        ax.set_xlabel("context position (bucket start)")
+        ax.legend(fontsize=5, frameon=False)
     left.set_ylabel("validation bits / character")
-    left.legend(fontsize=5, frameon=False)
+    if panels == 3:
+        axes[1].axvline(positions["position"].max() + (positions["position"].diff().max() or 0), color="0.5",
+                        ls="--", lw=0.6)  # fmt: skip
+        axes[1].set_title("past the training length", fontsize=7)
     for i, (name, g) in enumerate(curves.groupby("model", sort=False)):
         stats = g.groupby("step")["train_bpc"].agg(["mean", "sem"]).reset_index()
         right.plot(stats["step"], stats["mean"], lw=0.9, color=f"C{i}", label=name.replace("_", " "))

@@ -203,6 +203,16 @@ def test_position_loss_matches_a_per_token_numpy_cross_entropy():
     np.testing.assert_allclose(got, (logz - picked).mean(0), rtol=1e-5)
 
 
+def test_carried_state_reads_a_long_window_as_the_whole_sequence_for_an_exact_memory():
+    model = nn.deltanet(vocab=LM.VOCAB, d_model=8, chunk=4, rngs=nnx.Rngs(0))
+    if not LM.streams(model):
+        pytest.skip("this SequenceModel has no init_state/apply: nothing to carry")
+    assert not LM.streams(nn.transformer(vocab=LM.VOCAB, d_model=8, heads=2, rngs=nnx.Rngs(0)))
+    windows = jnp.asarray(LM.validation_windows(LM.corpus()[:5000], 24, 8))  # 3 pieces of 8 (2 chunks each)
+    carried = np.asarray(LM.carried_position_loss(model, windows, 8))
+    np.testing.assert_allclose(carried, np.asarray(LM.position_loss(model, windows)), rtol=2e-5, atol=2e-5)
+
+
 def test_matched_width_is_the_closest_parameter_count():
     build = LM.MODELS["transformer"].build
     target = count_params(LM.MODELS["titans"].build(vocab=LM.VOCAB, d_model=20, rngs=nnx.Rngs(0)))
@@ -214,20 +224,14 @@ def test_matched_width_is_the_closest_parameter_count():
 
 def test_char_lm_run_writes_matched_tables_and_figure(tmp_path, standard_promotion):
     sets = ["models=transformer,deltanet", "reference=transformer", "seeds=0,1", "width=8", "context=16",
-            "bucket=8", "batch=2", "steps=2", "chunk=1", "eval_windows=8"]  # fmt: skip
-    LM.MODELS["deltanet"] = LM.Variant(LM.functools.partial(nn.deltanet, chunk=4))  # a cheap matched model
-    try:
-        rundir = run_study(
-            LM.run, override(LM.CONFIG, sets), tmp_path / "lm", experiment="char_lm", log=quiet
-        )
-    finally:
-        del LM.MODELS["deltanet"]
+            "bucket=8", "batch=2", "steps=2", "chunk=1", "eval_windows=8", "long_context=32"]  # fmt: skip
+    rundir = run_study(LM.run, override(LM.CONFIG, sets), tmp_path / "lm", experiment="char_lm", log=quiet)
     summary = pd.read_csv(rundir.results / "char_lm.csv")
     params = pd.read_csv(rundir.results / "params.csv").set_index("model")
     target = count_params(nn.transformer(vocab=LM.VOCAB, d_model=8, heads=2, rngs=nnx.Rngs(0)))
     assert params.loc["transformer", "params"] == target
     d = int(params.loc["deltanet", "width"])
-    count = lambda w: count_params(nn.deltanet(vocab=LM.VOCAB, d_model=w, chunk=4, rngs=nnx.Rngs(0)))  # noqa: E731
+    count = lambda w: count_params(nn.deltanet(vocab=LM.VOCAB, d_model=w, rngs=nnx.Rngs(0)))  # noqa: E731
     assert params.loc["deltanet", "params"] == count(d)
     assert all(abs(count(d) - target) <= abs(count(w) - target) for w in range(8, 41, 4))
     positions = pd.read_csv(rundir.results / "char_lm_positions.csv")
@@ -237,4 +241,11 @@ def test_char_lm_run_writes_matched_tables_and_figure(tmp_path, standard_promoti
     np.testing.assert_allclose(per_run, summary.val_bpc.to_numpy(), rtol=1e-6)
     np.testing.assert_allclose(summary.val_ppl, np.exp(summary.val_bpc * np.log(2)), rtol=1e-5)
     assert (summary.val_bpc > 0).all() and (summary.windows == 8).all()
+    long = pd.read_csv(rundir.results / "char_lm_long.csv")
+    assert sorted(long.position.unique()) == [0, 8, 16, 24] and len(long) == 2 * 2 * 4
+    for name, build in (("transformer", nn.transformer), ("deltanet", nn.deltanet)):
+        expected = "carried" if LM.streams(build(vocab=LM.VOCAB, d_model=8, rngs=nnx.Rngs(0))) else "whole"
+        assert (long[long.model == name]["mode"] == expected).all()
+    beyond = long[long.position >= 16].groupby(["model", "seed"], sort=False).bpc.mean().to_numpy()
+    np.testing.assert_allclose(beyond, summary.long_bpc_beyond.to_numpy(), rtol=1e-6)
     assert (rundir.figures / "char_lm.pdf").read_bytes()[:5] == b"%PDF-"
