@@ -401,20 +401,23 @@ def figure(results: Path):
     positions = pd.read_csv(results / "char_lm_positions.csv")
     curves = pd.read_csv(results / "char_lm_curves.csv")
     params = summary.groupby("model", sort=False)["params"].first()
+    color = {name: f"C{i % 10}" for i, name in enumerate(params.index)}  # one color per model in every panel
     long = results / "char_lm_long.csv"
     panels = 3 if long.exists() else 2
     fig, axes = plt.subplots(1, panels, figsize=(plot.DOUBLE_COLUMN, 2.4))
     left, right = axes[0], axes[-1]
     tables = [(left, positions)] + ([(axes[1], pd.read_csv(long))] if panels == 3 else [])
     for ax, table in tables:
-        for i, (name, g) in enumerate(table.groupby("model", sort=False)):
+        for name, g in table.groupby("model", sort=False):
             stats = g.groupby("position")["bpc"].agg(["mean", "sem"]).reset_index()
             sem = stats["sem"].fillna(0)
             label = f"{name.replace('_', ' ')} ({params[name] / 1000:.0f}k)"
             if "mode" in g:
                 label = f"{name.replace('_', ' ')} ({g['mode'].iloc[0]})"
-            ax.plot(stats["position"], stats["mean"], marker="o", ms=2.5, lw=0.9, color=f"C{i}", label=label)
-            ax.fill_between(stats["position"], stats["mean"] - sem, stats["mean"] + sem, color=f"C{i}",
+            ax.plot(
+                stats["position"], stats["mean"], marker="o", ms=2.5, lw=0.9, color=color[name], label=label
+            )
+            ax.fill_between(stats["position"], stats["mean"] - sem, stats["mean"] + sem, color=color[name],
                             alpha=0.2, lw=0)  # fmt: skip
         ax.set_xlabel("context position (bucket start)")
         ax.legend(fontsize=5, frameon=False)
@@ -423,9 +426,9 @@ def figure(results: Path):
         axes[1].axvline(positions["position"].max() + (positions["position"].diff().max() or 0), color="0.5",
                         ls="--", lw=0.6)  # fmt: skip
         axes[1].set_title("past the training length", fontsize=7)
-    for i, (name, g) in enumerate(curves.groupby("model", sort=False)):
+    for name, g in curves.groupby("model", sort=False):
         stats = g.groupby("step")["train_bpc"].agg(["mean", "sem"]).reset_index()
-        right.plot(stats["step"], stats["mean"], lw=0.9, color=f"C{i}", label=name.replace("_", " "))
+        right.plot(stats["step"], stats["mean"], lw=0.9, color=color[name], label=name.replace("_", " "))
     right.set_xlabel("training step")
     right.set_ylabel("training bits / character")
     return fig

@@ -338,10 +338,12 @@ def figure(results: Path, values: int | None = None):
                  color=f"C{j}", capsize=2)  # fmt: skip
     if values:
         left.axhline(1 / values, color="0.3", ls=":", lw=0.6, label="chance")
-    left.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=5)
+    left.set_xticks(
+        range(len(names)), [n.replace("_", " ") for n in names], fontsize=5, rotation=35, ha="right"
+    )
     left.set_ylabel("query accuracy")
     left.set_ylim(0, 1.02)
-    left.legend(fontsize=5, frameon=False)
+    left.legend(fontsize=5, frameon=False, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0))
     for i, (name, c) in enumerate(curves.groupby("model", sort=False)):
         stats = c.groupby("step")["acc_old"].agg(["mean", "sem"]).reset_index()
         sem = stats["sem"].fillna(0)
