@@ -419,3 +419,36 @@ def test_keep_checkpoints_from_the_command_line(tmp_path, monkeypatch):
     monkeypatch.delenv("NESTLEARN_KEEP_CHECKPOINTS", raising=False)  # main set it for its own process
     steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2, 3]  # 3 tasks, the last 2 kept
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nothing can be written to: a read-only tmpfs as root, else a mode-0555 directory."""
+    import os
+    import subprocess
+
+    target = tmp_path / "ro"
+    target.mkdir()
+    if os.geteuid() == 0:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(target)], capture_output=True
+        )
+        if mounted.returncode != 0:
+            pytest.skip("running as root without permission to mount a read-only tmpfs")
+        yield target
+        subprocess.run(["umount", str(target)], capture_output=True)
+    else:
+        target.chmod(0o555)
+        yield target
+        target.chmod(0o755)
+
+
+def test_a_read_only_directory_is_one_line_exit_3(read_only_dir, capsys):
+    from nestlearn.experiment._cli import EXIT_OPERATING, main
+
+    out = read_only_dir / "run"
+    assert (
+        main(["run", PERMUTED, *[a for s in TINY for a in ("--set", s)], "--out", str(out)]) == EXIT_OPERATING
+    )
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err and "--out" in err, err

@@ -426,9 +426,5 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(
             f"train.batch_size ({config.train.batch_size}) exceeds the {_data_size(config)[0]} training examples"
         )
-    if config.train.evals_per_task > max(per_task, 1):
-        raise ConfigError(
-            f"train.evals_per_task ({config.train.evals_per_task}) exceeds the steps per task ({per_task})"
-        )
     check_memory(config)
     return config

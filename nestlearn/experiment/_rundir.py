@@ -225,7 +225,7 @@ class RunDir:
         path: str | Path,
         config: Any,
         *,
-        experiment: str = "experiment",
+        experiment: str | None = None,
         quick: bool = False,
         resume: bool = False,
         force: bool = False,
@@ -236,7 +236,8 @@ class RunDir:
         Args:
           path: the run directory.
           config: the run's typed frozen dataclass config (stored resolved, checked again on resume).
-          experiment: the experiment's name, stored with the config.
+          experiment: the experiment's name, stored with the config ("study" if None); on resume, a name
+            that differs from the stored one is refused (None accepts the stored one).
           quick: the run is a shrunk, quick version (stored; paper figures refuse it by default).
           resume: continue the run in ``path``; its stored config must equal ``config``.
           force: replace an existing ``path`` (without it an existing, non-empty one is an error).
@@ -260,7 +261,7 @@ class RunDir:
                 stored = json.loads(cfg_file.read_text())
             except json.JSONDecodeError as e:
                 raise ConfigError(f"--resume: {cfg_file} is not valid JSON ({e})") from None
-            if stored.get("experiment", experiment) != experiment:
+            if experiment is not None and stored.get("experiment", experiment) != experiment:
                 raise ConfigError(
                     f"--resume: {out} holds a run of {stored.get('experiment')!r}, not {experiment!r}; choose "
                     "another --out"
@@ -293,7 +294,12 @@ class RunDir:
             shutil.rmtree(out)
         rd.write_json(
             "config.json",
-            {"experiment": experiment, "config": _jsonable(config), "quick": quick, "versions": versions()},
+            {
+                "experiment": experiment or "study",
+                "config": _jsonable(config),
+                "quick": quick,
+                "versions": versions(),
+            },
         )
         return rd
 

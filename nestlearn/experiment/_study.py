@@ -36,7 +36,7 @@ def run_study(
     config: Any,
     out: str | Path,
     *,
-    experiment: str = "study",
+    experiment: str | None = None,
     quick: bool = False,
     resume: bool = False,
     force: bool = False,

@@ -37,7 +37,14 @@ Two paths compute the same thing:
   chunk's residuals, solved with one ``solve_triangular``.
 
 Both paths carry the state across calls, handle sequences shorter than a chunk and a partial last chunk,
-and report the per-token *surprise* :math:`\lVert\nabla\ell_t\rVert` (Titans' name for it).
+and report the per-token *surprise* :math:`\lVert\nabla\ell_t\rVert` (Titans' name for it). A
+mini-batch memory's state also holds its block's position and starting weights (:class:`MemoryState`),
+so a sequence fed whole, in pieces of any length or token by token gives the same outputs and state.
+
+``inner="dgd"`` replaces gradient descent by Delta Gradient Descent (Nested Learning),
+:math:`W_i = (\alpha_i I - \eta_i x_i^\top x_i) W_{i-1} - \eta_i x_i^\top \delta_i` per layer with the
+gradient signal :math:`\delta_i` at the block start: an online delta rule with key :math:`x_i` and value
+:math:`-\delta_i`, so the chunkwise path solves one unit lower-triangular system per layer and chunk.
 
 References:
   Katharopoulos et al. 2020 (linear attention); Schlag et al. 2021 and Yang et al. 2024 (DeltaNet and its
@@ -62,7 +69,7 @@ _TINY = 1e-30  # retention is floored here before its log, so a gate of exactly 
 
 @dataclasses.dataclass(frozen=True)
 class MemorySpec:
-    """What the memory is and how it learns in context.
+    r"""What the memory is and how it learns in context.
 
     Attributes:
       memory: ``"linear"`` (a ``d_key x d_value`` matrix) or ``"mlp"`` (residual two-layer SiLU MLP,
@@ -74,6 +81,13 @@ class MemorySpec:
       chunk: tokens per chunk of the chunkwise path, and the block of mini-batch gradient descent.
       stop_write_grad: treat what is written in context as a constant for the outer gradient (the writes
         are not backpropagated through; queries, the initial state and the read-out still learn).
+      inner: the inner optimizer. ``"gd"``: gradient descent with retention, :math:`W \leftarrow \alpha W -
+        \eta\nabla\ell`. ``"dgd"``: Delta Gradient Descent (Nested Learning), :math:`W \leftarrow (\alpha I -
+        \eta\, x^\top x) W - \eta\nabla\ell` in the row convention ``x @ W``, with :math:`x` each layer's
+        own input at the block-start state (the key for a matrix memory and for an MLP's first layer,
+        :math:`\mathrm{silu}(k W_1)` for its second). Needs ``online=False`` (the gradient at the block
+        start; with online gradients the L2 loss's own :math:`x^\top x W` term is already the delta rule)
+        and ``momentum=False``.
     """
 
     memory: Literal["linear", "mlp"] = "linear"
@@ -82,6 +96,7 @@ class MemorySpec:
     online: bool = True
     chunk: int = 64
     stop_write_grad: bool = False
+    inner: Literal["gd", "dgd"] = "gd"
 
     def __post_init__(self) -> None:
         if self.memory not in ("linear", "mlp"):
@@ -95,6 +110,18 @@ class MemorySpec:
                 "MemorySpec.online=True needs a linear memory: an MLP memory has no exact chunkwise form of "
                 "per-token learning; use online=False (mini-batch gradient descent over each chunk)"
             )
+        if self.inner not in ("gd", "dgd"):
+            raise ValueError(f"MemorySpec.inner must be 'gd' or 'dgd', got {self.inner!r}")
+        if self.inner == "dgd" and self.online:
+            raise ValueError(
+                "MemorySpec.inner='dgd' needs online=False (the gradient at the block start): with online "
+                "gradients of the L2 loss the x^T x W term is the delta rule's own; use inner='gd'"
+            )
+        if self.inner == "dgd" and self.momentum:
+            raise ValueError(
+                "MemorySpec.inner='dgd' with momentum=True is not defined (the paper gives DGD without "
+                "momentum; where the x^T x decay would act on the momentum is open); use one or the other"
+            )
 
     @property
     def exact_online(self) -> bool:
@@ -103,20 +130,54 @@ class MemorySpec:
 
 
 class MemoryState(flax.struct.PyTreeNode):
-    """A memory's state: its weights and, with momentum, the momentum of each weight.
+    """A memory's state: its weights, their momentum, and where a mini-batch block stands.
 
     ``weights`` is ``(W,)`` for a linear memory and ``(W1, W2)`` for an MLP memory; ``momentum`` has the
-    same structure (zeros at a reset) or is ``None``.
+    same structure (zeros at a reset) or is ``None``. A memory whose gradient is taken at the start of a
+    block of ``chunk`` tokens (``online=False``) also carries the weights that opened the current block,
+    ``base``, and how many tokens of that block it has read, ``pos`` (int32, ``0 <= pos < chunk``), so a
+    sequence fed in pieces of any length, or token by token, runs the same algorithm as fed whole.
+    ``pos=None`` (``MemoryState(weights, momentum)``) means "at a block boundary": the next token opens
+    a block at ``weights``; the chunkwise path then needs no realignment (the fast path of a reset).
+
+    choice: ``pos`` is a traced array, not a static field, so a state can be the carry of a
+    ``lax.scan`` over tokens (recurrent inference) and is vmapped like the weights; the cost is that a
+    chunkwise call from a state with ``pos`` set computes one chunk more (the realignment below).
     """
 
     weights: tuple[Array, ...]
     momentum: tuple[Array, ...] | None = None
+    base: tuple[Array, ...] | None = None
+    pos: Array | None = None
 
 
 def initial_state(spec: MemorySpec, weights: tuple[Array, ...]) -> MemoryState:
-    """The state at a reset: the given (meta-learned) weights and zero momentum."""
+    """The state at a reset: the given (meta-learned) weights, zero momentum, at the start of a block.
+
+    For ``online=False`` the block fields are filled (``base`` = the weights, ``pos`` = 0, with the
+    weights' leading axes), so every state a call returns has the structure of this one (a ``lax.scan``
+    carry can start here). A whole sequence from a reset runs a little faster from
+    ``MemoryState(weights, momentum)``, which the chunkwise path knows at trace time to be at a boundary;
+    the layers' ``apply`` without a state does that.
+    """
+    weights = tuple(weights)
     momentum = tuple(jnp.zeros_like(w) for w in weights) if spec.momentum else None
-    return MemoryState(tuple(weights), momentum)
+    if spec.online:
+        return MemoryState(weights, momentum)
+    return MemoryState(weights, momentum, weights, jnp.zeros(weights[0].shape[:-2], jnp.int32))
+
+
+def _block_state(spec: MemorySpec, weights, momentum, base, pos) -> MemoryState:
+    """The state a call returns: the block fields only for mini-batch (``online=False``) memories.
+
+    At a boundary (``pos == 0``) the next block opens at the current weights, so ``base`` is set to them:
+    one state, however the sequence was cut.
+    """
+    if spec.online:
+        return MemoryState(weights, momentum)
+    pos = jnp.asarray(pos, jnp.int32) % spec.chunk
+    base = tuple(jnp.where(pos[..., None, None] == 0, w, b) for w, b in zip(weights, base, strict=True))
+    return MemoryState(weights, momentum, base, pos)
 
 
 # -- the memory as a function ----------------------------------------------------------------------------
@@ -156,6 +217,16 @@ def _signals(
     return ((k, (r @ w2.T) * _silu_grad(z)), (jax.nn.silu(z), r))
 
 
+def layer_inputs(spec: MemorySpec, weights: tuple[Array, ...], k: Array) -> tuple[Array, ...]:
+    r"""Each layer's input for rows ``k``: ``(k,)`` for a matrix, ``(k, silu(k W1))`` for an MLP memory.
+
+    These are the :math:`x` of DGD's :math:`(\alpha I - \eta\,x^\top x)` for each layer.
+    """
+    if spec.memory == "linear":
+        return (k,)
+    return (k, jax.nn.silu(k @ weights[0]))
+
+
 # -- per-token path --------------------------------------------------------------------------------------
 
 
@@ -192,11 +263,15 @@ def memory_scan(
         base = block_base(spec, weights, base, pos)
         weights, momentum, surprise = token_write(spec, weights, momentum, base, kt, vt, lrt, at, bt)
         out = memory_apply(spec, weights, qt[None])[0]
-        return (weights, momentum, base, pos + 1), (out, surprise)
+        return (weights, momentum, base, (pos + 1) % spec.chunk), (out, surprise)
 
-    carry = (state.weights, state.momentum, state.weights, jnp.zeros((), jnp.int32))
-    (weights, momentum, _, _), (out, surprise) = jax.lax.scan(step, carry, (q, k, v, lr, retention, beta))
-    return out, MemoryState(weights, momentum), {"surprise": surprise}
+    base = state.weights if state.base is None else state.base
+    pos = jnp.zeros((), jnp.int32) if state.pos is None else state.pos
+    carry = (state.weights, state.momentum, base, pos)
+    (weights, momentum, base, pos), (out, surprise) = jax.lax.scan(
+        step, carry, (q, k, v, lr, retention, beta)
+    )
+    return out, _block_state(spec, weights, momentum, base, pos), {"surprise": surprise}
 
 
 def block_base(spec: MemorySpec, weights: tuple[Array, ...], base: tuple[Array, ...], pos: Array):
@@ -210,12 +285,21 @@ def block_base(spec: MemorySpec, weights: tuple[Array, ...], base: tuple[Array, 
 def token_write(spec: MemorySpec, weights, momentum, base, k: Array, v: Array, lr, retention, beta):
     """One token's write: the gradient of the inner loss at ``base`` (by ``jax.grad``), then the update.
 
+    With ``spec.inner == "dgd"`` each layer also decays along its own input ``x`` at ``base``:
+    ``W <- retention * W - lr * x^T (x W) - lr * grad``.
+
     Returns ``(weights, momentum, surprise)``, the surprise being the gradient's norm.
     """
     g = jax.grad(lambda w: inner_loss(spec, w, k[None], v[None]))(base)
     if spec.stop_write_grad:
         g = jax.lax.stop_gradient(g)
     surprise = jnp.sqrt(sum(jnp.sum(gi**2) for gi in g))
+    if spec.inner == "dgd":
+        xs = layer_inputs(spec, base, k[None])
+        if spec.stop_write_grad:
+            xs = jax.lax.stop_gradient(xs)
+        new = tuple(retention * w - lr * (x.T @ (x @ w)) - lr * gi for w, x, gi in zip(weights, xs, g))
+        return new, momentum, surprise
     if spec.momentum:
         momentum = tuple(beta * s - lr * gi for s, gi in zip(momentum, g))
         return tuple(retention * w + s for w, s in zip(weights, momentum)), momentum, surprise
@@ -233,11 +317,13 @@ def _decay_matrix(log_gate: Array) -> Array:
     return jnp.exp(jnp.where(lower, c[..., :, None] - c[..., None, :], -jnp.inf))
 
 
-def _coefficients(log_a: Array, log_b: Array | None):
+def _coefficients(log_a: Array, log_b: Array | None, active: Array | None = None):
     """``(a, s, c, sb, eb)``: the chunk recurrence unrolled (see the module docstring); any leading axes.
 
     ``a[i]`` multiplies M_0, ``s[i]`` multiplies S_0 and ``c[i, j]`` the update u_j in M_i; ``sb[i]`` and
-    ``eb[i, j]`` are the same for the momentum S_i.
+    ``eb[i, j]`` are the same for the momentum S_i. ``active`` (0 or 1 per token, momentum only) marks
+    the real tokens of a realigned chunk: an inactive token has lr 0, retention 1 and momentum rate 1 and
+    does not add its momentum, :math:`M_t = \alpha_t M_{t-1} + m_t S_t`, so it leaves M and S unchanged.
     """
     ea = _decay_matrix(log_a)
     a = jnp.exp(jnp.cumsum(log_a, axis=-1))
@@ -245,6 +331,8 @@ def _coefficients(log_a: Array, log_b: Array | None):
         return a, None, ea, None, None
     eb = _decay_matrix(log_b)
     sb = jnp.exp(jnp.cumsum(log_b, axis=-1))
+    if active is not None:
+        ea = ea * active[..., None, :]
     return a, (ea @ sb[..., None])[..., 0], ea @ eb, sb, eb
 
 
@@ -286,10 +374,10 @@ def unit_lower_inverse(m: Float[Array, "... n n"]) -> Float[Array, "... n n"]:
     return blocks[..., 0, :n, :n]
 
 
-def _prepare(spec: MemorySpec, k: Array, lr: Array, log_a: Array, log_b: Array):
+def _prepare(spec: MemorySpec, k: Array, lr: Array, log_a: Array, log_b: Array, active: Array | None = None):
     """What a chunk needs that does not depend on the state: coefficients and, for the online delta rule,
     the inverse of the chunk's triangular system. Any leading axes (all chunks at once)."""
-    coeffs = _coefficients(log_a, log_b if spec.momentum else None)
+    coeffs = _coefficients(log_a, log_b if spec.momentum else None, active if spec.momentum else None)
     if not spec.exact_online:
         return coeffs, None
     c = coeffs[2]
@@ -299,11 +387,33 @@ def _prepare(spec: MemorySpec, k: Array, lr: Array, log_a: Array, log_b: Array):
     return coeffs, unit_lower_inverse(jnp.broadcast_to(eye, coupling.shape) + coupling)
 
 
-def _chunk(spec: MemorySpec, state: MemoryState, chunk_inputs, last: Array, prepared=None):
-    """One chunk: outputs of every token, the state after token ``last``, and each token's surprise."""
+def _dgd_residual(x: Array, delta: Array, w0: Array, a: Array, c: Array, lr: Array) -> Array:
+    r"""One layer's DGD writes in a chunk, as an online delta rule with key ``x`` and value ``-delta``.
+
+    :math:`W_i = \alpha_i W_{i-1} - \eta_i x_i^\top d_i` with :math:`d_i = x_i W_{i-1} + \delta_i`
+    (:math:`\delta_i` the gradient signal at the block start). Unrolled, :math:`x_i W_{i-1} = a_{i-1} x_i
+    W_0 - \sum_{j<i} c_{i-1,j}\eta_j (x_i\cdot x_j) d_j`, so :math:`(I + L) d = \mathrm{diag}(a_{i-1}) X W_0
+    + \Delta` with :math:`L` strictly lower triangular: one :func:`unit_lower_inverse`. The dual form then
+    reads :math:`W_i = a_i W_0 - \sum_j c_{ij}\eta_j x_j^\top d_j` with ``(x, d)`` as its signals.
+    """
+    coupling = _shift_down(c, 0.0) * lr[None, :] * (x @ x.T)
+    eye = jnp.eye(x.shape[0], dtype=x.dtype)
+    return unit_lower_inverse(eye + coupling) @ (_shift_down(a, 1.0)[:, None] * (x @ w0) + delta)
+
+
+def _chunk(
+    spec: MemorySpec, state: MemoryState, chunk_inputs, last: Array, prepared=None, *, base=None, active=None
+):
+    """One chunk: outputs of every token, the state after token ``last``, and each token's surprise.
+
+    ``base``: the weights where mini-batch gradients are taken (default the chunk's starting weights; a
+    block resumed in the middle differs). ``active``: 0/1 per token for a realigned chunk with momentum
+    (see :func:`_coefficients`). The returned state has no block fields (the caller sets them).
+    """
     q, k, v, lr, log_a, log_b = chunk_inputs
-    (a, s, c, sb, eb), inverse = _prepare(spec, k, lr, log_a, log_b) if prepared is None else prepared
+    (a, s, c, sb, eb), inverse = _prepare(spec, k, lr, log_a, log_b, active) if prepared is None else prepared
     w0, s0 = state.weights, state.momentum
+    base = w0 if base is None else base
 
     if spec.exact_online:  # delta rule, linear memory: residuals depend on this chunk's earlier writes
         (w,) = w0
@@ -312,10 +422,12 @@ def _chunk(spec: MemorySpec, state: MemoryState, chunk_inputs, last: Array, prep
             rhs = rhs + _shift_down(s, 0.0)[:, None] * (k @ s0[0])
         signals = ((k, inverse @ rhs),)
     else:
-        signals = _signals(spec, w0, k, v)
+        signals = _signals(spec, base, k, v)
     if spec.stop_write_grad:
         signals = jax.lax.stop_gradient(signals)
     surprise = jnp.sqrt(sum(jnp.sum(x**2, 1) * jnp.sum(d**2, 1) for x, d in signals))
+    if spec.inner == "dgd":
+        signals = tuple((x, _dgd_residual(x, d, w, a, c, lr)) for (x, d), w in zip(signals, w0, strict=True))
 
     coef = c * lr[None, :]  # the weight of write j (its -lr_j grad) in the state after token i
 
@@ -368,33 +480,103 @@ def memory_chunked(
     """
     _check_inputs(spec, q, k, v, lr, retention, beta)
     n = q.shape[0]
-    size = min(spec.chunk, n)
-    chunks = math.ceil(n / size)
-    pad = chunks * size - n
+    lay = _Layout.of(spec, n, state.pos)
     log_a = jnp.log(jnp.maximum(retention, _TINY))
     log_b = jnp.log(jnp.maximum(beta, _TINY)) if beta is not None else jnp.zeros_like(lr)
+    chunk_inputs = tuple(lay.place(x) for x in (q, k, v, lr, log_a, log_b))
+    active = lay.active() if spec.momentum else None
+    prepared = _prepare(spec, chunk_inputs[1], chunk_inputs[3], chunk_inputs[4], chunk_inputs[5], active)
+    plain = MemoryState(state.weights, state.momentum)
+    parallel = spec.memory == "linear" and not spec.momentum and not spec.stop_write_grad
 
-    def split(x: Array) -> Array:
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-        return x.reshape(chunks, size, *x.shape[1:])
+    if lay.pos is None:  # from a block boundary (or online): the chunk's gradients at its own start
+        partial = not spec.online and lay.n % spec.chunk != 0  # the last block stays open: keep its start
 
-    last = jnp.full((chunks,), size - 1, jnp.int32).at[-1].set((n - 1) % size)
+        def body(st, inputs):
+            *chunk_in, lst, prep = inputs
+            out, new, surprise = _chunk(spec, st, chunk_in, lst, prep)
+            return new, (out, surprise, st.weights if partial else None)
 
-    def body(st, inputs):
-        *chunk_inputs, lst, prepared = inputs
-        out, st, surprise = _chunk(spec, st, chunk_inputs, lst, prepared)
-        return st, (out, surprise)
+        if parallel and spec.inner == "gd":
+            out, new, surprise, start = _linear_parallel(spec, plain, chunk_inputs[:4], lay.last, prepared)
+        else:
+            new, (out, surprise, starts) = jax.lax.scan(body, plain, (*chunk_inputs, lay.last, prepared))
+            start = tuple(w[-1] for w in starts) if partial else new.weights
+        state = _block_state(spec, new.weights, new.momentum, start, lay.pos_after)
+        return lay.take(out), state, {"surprise": lay.take(surprise)}
 
-    chunk_inputs = tuple(split(x) for x in (q, k, v, lr, log_a, log_b))
-    prepared = _prepare(
-        spec, chunk_inputs[1], chunk_inputs[3], chunk_inputs[4], chunk_inputs[5]
-    )  # all chunks
-    if spec.memory == "linear" and not spec.momentum and not spec.stop_write_grad:
-        out, state, surprise = _linear_parallel(spec, state, chunk_inputs[:4], last, prepared)
-    else:
-        state, (out, surprise) = jax.lax.scan(body, state, (*chunk_inputs, last, prepared))
-    out = out.reshape(chunks * size, -1)[:n]
-    return out, state, {"surprise": surprise.reshape(-1)[:n]}
+    # inside a block: the first chunk's gradients at the open block's start (realigned chunks)
+    def mini_body(carry, inputs):
+        st, base, kept = carry
+        *chunk_in, lst, prep, act, index = inputs
+        out, st, surprise = _chunk(spec, st, chunk_in, lst, prep, base=base, active=act)
+        kept = jax.tree.map(lambda b, o: jnp.where(index <= lay.last_chunk, b, o), base, kept)
+        return (st, st.weights, kept), (out, surprise)
+
+    first = lay.first_base(state)
+    xs = (*chunk_inputs, lay.last, prepared, active, jnp.arange(lay.chunks))
+    (new, _, kept), (out, surprise) = jax.lax.scan(mini_body, (plain, first, first), xs)
+    state = _block_state(spec, new.weights, new.momentum, kept, lay.pos_after)
+    return lay.take(out), state, {"surprise": lay.take(surprise)}
+
+
+class _Layout:
+    """How a call's ``n`` tokens sit in chunks of the mini-batch blocks.
+
+    At a block boundary (``pos is None``) the tokens are cut into chunks of ``min(chunk, n)`` from the
+    first (a partial last chunk padded and its state read at its last real token), as before. From a
+    state inside a block (``pos`` traced), chunks of ``chunk`` are aligned with the blocks: the tokens
+    are placed at offset ``pos`` of ``ceil((n + chunk - 1) / chunk)`` chunks with
+    ``dynamic_update_slice``, and the slots before and after them are inactive tokens (lr 0, retention 1,
+    momentum rate 1) that leave the state unchanged, so the state after the last chunk is the state after
+    the last real token.
+    """
+
+    def __init__(self, spec: MemorySpec, n: int, pos: Array | None) -> None:
+        self.n, self.pos = n, pos
+        if pos is None:
+            self.size = min(spec.chunk, n)
+            self.chunks = math.ceil(n / self.size)
+            self.last = jnp.full((self.chunks,), self.size - 1, jnp.int32).at[-1].set((n - 1) % self.size)
+            self.last_chunk = self.chunks - 1
+            self.pos_after = n % spec.chunk
+        else:
+            self.size = spec.chunk
+            self.chunks = math.ceil((n + self.size - 1) / self.size)
+            self.last = jnp.full((self.chunks,), self.size - 1, jnp.int32)
+            self.last_chunk = (pos + n - 1) // self.size
+            self.pos_after = (pos + n) % self.size
+
+    @classmethod
+    def of(cls, spec: MemorySpec, n: int, pos: Array | None) -> _Layout:
+        return cls(spec, n, None if spec.online else pos)
+
+    def place(self, x: Array) -> Array:
+        """``[n, ...] -> [chunks, size, ...]``, zeros in the padding / inactive slots."""
+        total = self.chunks * self.size
+        if self.pos is None:
+            x = jnp.pad(x, [(0, total - self.n)] + [(0, 0)] * (x.ndim - 1))
+        else:
+            zeros = jnp.zeros((total, *x.shape[1:]), x.dtype)
+            x = jax.lax.dynamic_update_slice(zeros, x, (self.pos,) + (0,) * (x.ndim - 1))
+        return x.reshape(self.chunks, self.size, *x.shape[1:])
+
+    def active(self) -> Array:
+        """1 for the real tokens, 0 for the padding, ``[chunks, size]``."""
+        return self.place(jnp.ones((self.n,)))
+
+    def take(self, y: Array) -> Array:
+        """``[chunks, size, ...] -> [n, ...]``: the rows of the real tokens."""
+        y = y.reshape(self.chunks * self.size, *y.shape[2:])
+        if self.pos is None:
+            return y[: self.n]
+        return jax.lax.dynamic_slice_in_dim(y, self.pos, self.n)
+
+    def first_base(self, state: MemoryState) -> tuple[Array, ...]:
+        """Where the first chunk's gradients are taken: the open block's base, or the weights at a boundary."""
+        if self.pos is None or state.base is None:
+            return state.weights
+        return tuple(jnp.where(self.pos == 0, w, b) for w, b in zip(state.weights, state.base))
 
 
 def _linear_parallel(spec: MemorySpec, state: MemoryState, chunk_inputs, last: Array, prepared):
@@ -436,7 +618,7 @@ def _linear_parallel(spec: MemorySpec, state: MemoryState, chunk_inputs, last: A
     r = -v_tilde if k_tilde is None else k_tilde @ w_start - v_tilde
     out = a[..., None] * (q @ w_start) - (coef * (q @ jnp.swapaxes(k, 1, 2))) @ r
     surprise = jnp.sqrt(jnp.sum(k**2, -1) * jnp.sum(r**2, -1))
-    return out, MemoryState((w_end,), None), surprise
+    return out, MemoryState((w_end,), None), surprise, (w_start[-1],)
 
 
 def _check_inputs(spec, q, k, v, lr, retention, beta) -> None:
@@ -550,7 +732,8 @@ class AssociativeMemory(nnx.Module):
     Args:
       d_model: input and output features.
       heads: memory heads; ``d_head`` (default ``d_model // heads``) features per head.
-      memory, objective, momentum, online, chunk, stop_write_grad: the :class:`MemorySpec`.
+      memory, objective, momentum, online, chunk, stop_write_grad, inner: the :class:`MemorySpec`
+        (``inner="dgd"``: Delta Gradient Descent, for ``online=False`` memories without momentum).
       hidden: hidden units of an ``"mlp"`` memory (default ``2 * d_head``).
       lr: the inner learning rate (its maximum when ``lr_from_input``).
       lr_from_input: make the rate a per-token gate of the input; else constant ``lr``.
@@ -592,6 +775,7 @@ class AssociativeMemory(nnx.Module):
         online: bool = True,
         chunk: int = 64,
         stop_write_grad: bool = False,
+        inner: Literal["gd", "dgd"] = "gd",
         lr: float = 1.0,
         lr_from_input: bool = True,
         gate: bool = True,
@@ -614,7 +798,7 @@ class AssociativeMemory(nnx.Module):
                 "decay='gated_deltanet' needs memory='linear', objective='l2', momentum=False, online=True, "
                 f"got {memory!r}, {objective!r}, {momentum!r}, {online!r}"
             )
-        self.spec = MemorySpec(memory, objective, momentum, online, chunk, stop_write_grad)
+        self.spec = MemorySpec(memory, objective, momentum, online, chunk, stop_write_grad, inner)
         self.decay = decay
         self.heads, self.d_head, self.path = heads, d_head, path
         self.lr, self.lr_from_input, self.gate, self.normalize = lr, lr_from_input, gate, normalize
@@ -648,10 +832,19 @@ class AssociativeMemory(nnx.Module):
         return (self.w_init[...], self.w2_init[...])
 
     def init_state(self, batch: int) -> LayerState:
-        """The memory reset to its (meta-learned) initial state, for ``batch`` sequences."""
+        """The memory reset to its (meta-learned) initial state, for ``batch`` sequences.
+
+        Its structure is that of every state :meth:`apply` returns (a ``lax.scan`` carry can start here).
+        """
         weights = tuple(jnp.broadcast_to(w, (batch, *w.shape)) for w in self._init_weights())
         tail = self.conv.init_tail(batch) if self.conv is not None else None
         return LayerState(initial_state(self.spec, weights), tail)
+
+    def _reset(self, batch: int) -> LayerState:
+        """:meth:`init_state` without the block fields: known at trace time to sit at a block boundary,
+        so the chunkwise path needs no realignment (what :meth:`apply` without a state uses)."""
+        state = self.init_state(batch)
+        return LayerState(MemoryState(state.memory.weights, state.memory.momentum), state.tail)
 
     def gates(self, x: Float[Array, "batch T d"]) -> tuple[Array, Array, Array | None]:
         """Per-token learning rate, retention and momentum rate, each ``[batch, T, heads]``."""
@@ -671,7 +864,7 @@ class AssociativeMemory(nnx.Module):
         read is not finite (-1 when none).
         """
         b, t, _ = x.shape
-        state = self.init_state(b) if state is None else state
+        state = self._reset(b) if state is None else state
         split = lambda z: z.reshape(b, t, self.heads, self.d_head)  # noqa: E731
         qkv = jnp.concatenate([self.q(x), self.k(x), self.v(x)], axis=-1)
         tail = state.tail
@@ -701,7 +894,7 @@ class AssociativeMemory(nnx.Module):
 
     def telemetry(self, x: Float[Array, "batch T d"]) -> tuple[Float[Array, "batch T d"], dict[str, Array]]:
         """The output and scalar statistics: gates, surprise, in-context update norm, divergence."""
-        start = self.init_state(x.shape[0])
+        start = self._reset(x.shape[0])
         y, end, aux = self.apply(x, start)
         return y, memory_statistics(aux, update_norm(start.memory, end.memory))
 

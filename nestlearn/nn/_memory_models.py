@@ -185,12 +185,18 @@ def titans(
 def self_modifying_titans(
     *, vocab: int, d_model: int, n_layers: int = 2, heads: int = 2, mlp_hidden: int | None = None,
     memory_hidden: int | None = None, lr: float = 0.1, momentum: bool = False, chunk: int = 16,
-    path: str = "chunk", stop_write_grad: bool = False, rngs: nnx.Rngs,
+    path: str = "chunk", stop_write_grad: bool = False, inner: str = "dgd", main_target: str = "self",
+    normalize_values: bool = False, rngs: nnx.Rngs,
 ) -> SequenceModel:  # fmt: skip
-    """Self-modifying Titans (:class:`SelfModifyingMemory`) with an MLP channel (Behrouz et al. 2025)."""
+    """Self-modifying Titans (:class:`SelfModifyingMemory`) with an MLP channel (Behrouz et al. 2025).
+
+    ``inner`` (``"dgd"``, the paper's, or ``"gd"``), ``main_target`` (``"self"`` or ``"v"``) and
+    ``normalize_values`` are :class:`SelfModifyingMemory`'s; ``momentum=True`` needs ``inner="gd"``.
+    """
     mixer = lambda d, r: SelfModifyingMemory(  # noqa: E731
         d, heads=heads, hidden=memory_hidden, chunk=chunk, momentum=momentum, lr=lr,
-        stop_write_grad=stop_write_grad, path=path, rngs=r,
+        stop_write_grad=stop_write_grad, inner=inner, main_target=main_target,
+        normalize_values=normalize_values, path=path, rngs=r,
     )  # fmt: skip
     return _model(vocab, d_model, n_layers, mixer, mlp_hidden, rngs)
 
@@ -199,9 +205,13 @@ def hope(
     *, vocab: int, d_model: int, n_layers: int = 2, heads: int = 2, cms: str | None = "context",
     cms_levels: int | None = None, cms_periods: tuple[int, ...] | None = None, cms_hidden: int | None = None,
     cms_lr: float = 0.1, memory_hidden: int | None = None, lr: float = 0.1, momentum: bool = False,
-    chunk: int = 16, path: str = "chunk", stop_write_grad: bool = False, rngs: nnx.Rngs,
+    chunk: int = 16, path: str = "chunk", stop_write_grad: bool = False, inner: str = "dgd",
+    main_target: str = "self", normalize_values: bool = False, rngs: nnx.Rngs,
 ) -> SequenceModel:  # fmt: skip
     """HOPE: self-modifying Titans followed by a Continuum Memory System (Behrouz et al. 2025, Nested Learning).
+
+    The mixer's ``inner``, ``main_target`` and ``normalize_values`` are as in :func:`self_modifying_titans`
+    (DGD and a self-generated main target by default, as the paper's HOPE).
 
     ``cms`` picks the CMS (:func:`nestlearn.nn._seq.cms_channel`):
 
@@ -228,6 +238,9 @@ def hope(
             momentum=momentum,
             lr=lr,
             stop_write_grad=stop_write_grad,
+            inner=inner,
+            main_target=main_target,
+            normalize_values=normalize_values,
             path=path,
             rngs=r,
         ),  # fmt: skip

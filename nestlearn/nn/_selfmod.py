@@ -9,19 +9,39 @@ Per head, with static projections :math:`x^\square_t = x_t P_\square` for :math:
   \alpha_t = \sigma(w_\alpha\cdot M_{\alpha}(x^\alpha_t) + b_\alpha),
 
 where every :math:`M_\square` is a residual two-layer MLP memory with a meta-learned initial state (an
-:class:`~nestlearn.nn.MemorySpec` with ``memory="mlp"``). Each generating memory writes its *own target*,
+:class:`~nestlearn.nn.MemorySpec` with ``memory="mlp"``). Every memory writes its *own target*,
 :math:`\hat v_{\square,t} = M_\square(v_t)`, at key :math:`k_t` with rate :math:`\eta_t` and gate
-:math:`\alpha_t`; the main memory :math:`M` writes :math:`k_t \to v_t` and is read at :math:`q_t`.
+:math:`\alpha_t`; so does the main memory :math:`M` (``main_target="self"``, :math:`\hat v_t = M(v_t)`),
+which is read at :math:`q_t`. The inner optimizer of every memory is Delta Gradient Descent
+(``inner="dgd"``), with the gradient taken at the state that opened the token's chunk:
+
+.. math::
+  M_\square \leftarrow M_\square(\alpha_t I - \eta_t k_t k_t^\top)
+  - \eta_t \nabla\mathcal L(M_\square^{\text{chunk start}}; k_t, \hat v_{\square,t}).
+
+For the two-layer MLP memory (row convention, :math:`f(x) = x + \mathrm{silu}(xW_1)W_2`) the
+:math:`k k^\top` term acts on each layer through its own input at the chunk-start state: :math:`W_1
+\leftarrow (\alpha I - \eta\,k^\top k)W_1 - \eta\nabla_{W_1}`, :math:`W_2 \leftarrow (\alpha I - \eta\,
+h^\top h)W_2 - \eta\nabla_{W_2}` with :math:`h = \mathrm{silu}(k W_1^{\text{chunk start}})`.
+``inner="gd"`` is the earlier rule, :math:`\alpha_t M - \eta_t\nabla\mathcal L`.
 
 Training is chunkwise (Nested Learning, HOPE section): inside a chunk the generators run at the state that
-opened the chunk, and every memory takes mini-batch gradient steps from that state, so a chunk is computed
-in parallel with :mod:`nestlearn.nn._assoc`'s dual form. The per-token path (``path="token"``) does the
-same token by token with ``jax.grad`` and agrees with it to float tolerance.
+opened the chunk, and every memory's gradients are taken at that state, so a chunk is computed in parallel
+with :mod:`nestlearn.nn._assoc`'s dual form (DGD: one unit lower-triangular solve per layer, as for the
+delta rule). The per-token path (``path="token"``) does the same token by token with ``jax.grad`` and
+agrees with it to float tolerance. The chunk position and the chunk-start weights are part of each
+memory's state, so a sequence fed in pieces (or token by token) gives what it gives fed whole.
 
 References:
-  Behrouz et al. 2025, Nested Learning (arXiv 2512.24695): self-modifying Titans and HOPE. The paper gives
-  no code; what this follows where its two versions differ: the generating memories see separate static
-  projections of the input, and the main memory's target is the generated value itself.
+  Behrouz et al. 2025, Nested Learning (arXiv 2512.24695 and the NeurIPS text): self-modifying Titans
+  (Eqs. 83-90 of the arXiv version) and HOPE, whose inner optimizer is DGD. The paper gives no code;
+  choices where it is silent or its versions differ: the generating memories see separate static
+  projections of the input; the main memory's target is generated (Eq. 83, ``main_target="self"``;
+  ``"v"`` writes :math:`v_t` itself); values are not normalised (only keys and queries are, as Titans
+  does; ``normalize_values=True`` L2-normalises them, the behaviour before issue 12); the rate is the same
+  :math:`\eta_t` in both DGD terms (no :math:`\eta/(1+\eta\lVert x\rVert^2)` rescaling: keys are unit
+  norm and the default rates small, so :math:`\eta\lVert x\rVert^2 \le 1 + \alpha` holds); DGD with
+  momentum is not defined (use ``inner="gd"`` with ``momentum=True``).
 """
 
 from __future__ import annotations
@@ -38,9 +58,11 @@ from nestlearn.nn._assoc import (
     MemorySpec,
     MemoryState,
     ShortConv,
+    _block_state,
     _chunk,
     _first_nonfinite,
     _l2_normalize,
+    _Layout,
     block_base,
     initial_state,
     memory_apply,
@@ -61,8 +83,13 @@ class SelfModifyingMemory(nnx.Module):
       heads: heads; ``d_head`` (default ``d_model // heads``) features per head.
       hidden: hidden units of every memory MLP (default ``2 * d_head``).
       chunk: tokens per chunk (the block of every memory's mini-batch gradient steps).
-      momentum: whether every memory's update carries momentum (Titans' surprise momentum) ...
+      momentum: whether every memory's update carries momentum (Titans' surprise momentum; needs
+        ``inner="gd"``) ...
       momentum_rate: ... with this rate.
+      inner: every memory's inner optimizer, ``"dgd"`` (the paper's, default) or ``"gd"``.
+      main_target: what the main memory writes at :math:`k_t`: ``"self"`` (:math:`M(v_t)`, the paper's,
+        default) or ``"v"`` (:math:`v_t`).
+      normalize_values: L2-normalise the generated values (default ``False``, as the equations say).
       lr: the largest inner learning rate.
       stop_write_grad: treat in-context writes as constants for the outer gradient.
       conv: taps of the short convolution on the projections (:class:`~nestlearn.nn.ShortConv`; 0: none).
@@ -87,6 +114,9 @@ class SelfModifyingMemory(nnx.Module):
         momentum_rate: float = 0.9,
         lr: float = 0.1,
         stop_write_grad: bool = False,
+        inner: str = "dgd",
+        main_target: str = "self",
+        normalize_values: bool = False,
         conv: int = 4,
         path: str = "chunk",
         rngs: nnx.Rngs,
@@ -95,8 +125,11 @@ class SelfModifyingMemory(nnx.Module):
         hidden = 2 * d_head if hidden is None else hidden
         if path not in ("chunk", "token"):
             raise ValueError(f"path must be 'chunk' or 'token', got {path!r}")
-        self.spec = MemorySpec("mlp", "l2", momentum, False, chunk, stop_write_grad)
+        if main_target not in ("self", "v"):
+            raise ValueError(f"main_target must be 'self' or 'v', got {main_target!r}")
+        self.spec = MemorySpec("mlp", "l2", momentum, False, chunk, stop_write_grad, inner)
         self.heads, self.d_head, self.lr, self.path = heads, d_head, lr, path
+        self.main_target, self.normalize_values = main_target, normalize_values
         self.momentum_rate = momentum_rate
         width = heads * d_head
         self.proj = nnx.Dict(
@@ -125,6 +158,12 @@ class SelfModifyingMemory(nnx.Module):
         tail = self.conv.init_tail(batch) if self.conv is not None else None
         return LayerState(self._init_memories(batch), tail)
 
+    def _reset(self, batch: int) -> LayerState:
+        """:meth:`init_state` without the block fields (known at trace time to sit at a chunk boundary)."""
+        state = self.init_state(batch)
+        memories = {name: MemoryState(m.weights, m.momentum) for name, m in state.memory.items()}
+        return LayerState(memories, state.tail)
+
     def _init_memories(self, batch: int) -> dict[str, MemoryState]:
         return {
             name: initial_state(
@@ -142,7 +181,7 @@ class SelfModifyingMemory(nnx.Module):
         ``[batch, T, heads]``) and ``diverged_at`` per sequence (-1 when every read is finite).
         """
         b, t, _ = x.shape
-        state = self.init_state(b) if state is None else state
+        state = self._reset(b) if state is None else state
         names = ("q", *GENERATORS)
         joint = jnp.concatenate([self.proj[name](x) for name in names], axis=-1)
         tail = state.tail
@@ -171,7 +210,7 @@ class SelfModifyingMemory(nnx.Module):
 
     def telemetry(self, x: Float[Array, "batch T d"]) -> tuple[Float[Array, "batch T d"], dict[str, Array]]:
         """The output and scalars: gates, surprise, divergence, and each memory's in-context update norm."""
-        start = self.init_state(x.shape[0])
+        start = self._reset(x.shape[0])
         y, end, aux = self.apply(x, start)
         norms = {name: update_norm(start.memory[name], end.memory[name]) for name in MEMORIES}
         stats = memory_statistics(aux, norms["memory"])
@@ -184,43 +223,75 @@ class SelfModifyingMemory(nnx.Module):
         """Keys, values, rates and gates of rows ``proj[...]`` from the generators' ``weights``."""
         lr_read, lr_bias, gate_read, gate_bias = reads
         k = _l2_normalize(memory_apply(self.spec, weights["k"], proj["k"]))
-        v = _l2_normalize(memory_apply(self.spec, weights["v"], proj["v"]))
+        v = memory_apply(self.spec, weights["v"], proj["v"])
+        if self.normalize_values:
+            v = _l2_normalize(v)
         lr = self.lr * jax.nn.sigmoid(memory_apply(self.spec, weights["lr"], proj["lr"]) @ lr_read + lr_bias)
         gate = jax.nn.sigmoid(memory_apply(self.spec, weights["gate"], proj["gate"]) @ gate_read + gate_bias)
         return k, v, lr, gate
 
+    def _targets(self, base: dict, v: Array) -> dict[str, Array]:
+        """What each memory writes: its own read of the value at its chunk-start weights (the main memory's
+        only with ``main_target="self"``)."""
+        targets = {name: memory_apply(self.spec, base[name], v) for name in GENERATORS}
+        targets["memory"] = memory_apply(self.spec, base["memory"], v) if self.main_target == "self" else v
+        return targets
+
     def _chunked(self, state: dict, q: Array, proj: dict, reads):
         n = q.shape[0]
-        size = min(self.spec.chunk, n)
-        chunks = math.ceil(n / size)
-        pad = chunks * size - n
+        lay = _Layout.of(self.spec, n, state["memory"].pos)
+        log_rate = math.log(self.momentum_rate)
 
-        def split(z: Array) -> Array:
-            z = jnp.pad(z, [(0, pad)] + [(0, 0)] * (z.ndim - 1))
-            return z.reshape(chunks, size, *z.shape[1:])
-
-        last = jnp.full((chunks,), size - 1, jnp.int32).at[-1].set((n - 1) % size)
-
-        def body(st, inputs):
-            qc, pc, lst = inputs
-            weights = {name: st[name].weights for name in MEMORIES}
-            k, v, lr, gate = self._generate(weights, pc, reads)
+        def one_chunk(st, base, qc, pc, lst, a):
+            k, v, lr, gate = self._generate(base, pc, reads)
+            log_beta = jnp.full_like(lr, log_rate)  # read only with momentum
+            if a is not None:  # an inactive token: lr 0, retention 1, momentum rate 1
+                lr, gate, log_beta = lr * a, jnp.where(a > 0, gate, 1.0), log_beta * a
             log_gate = jnp.log(jnp.maximum(gate, 1e-30))
-            log_beta = jnp.full_like(lr, math.log(self.momentum_rate))  # read only with momentum
-            new = {}
-            for name in GENERATORS:
-                target = memory_apply(self.spec, weights[name], v)  # the memory's own target
-                _, new[name], _ = _chunk(self.spec, st[name], (k, k, target, lr, log_gate, log_beta), lst)
-            out, new["memory"], surprise = _chunk(
-                self.spec, st["memory"], (qc, k, v, lr, log_gate, log_beta), lst
-            )
+            targets = self._targets(base, v)
+            mask = a if self.spec.momentum else None
+            new, out, surprise = {}, None, None
+            for name in MEMORIES:
+                query = qc if name == "memory" else k
+                inputs = (query, k, targets[name], lr, log_gate, log_beta)
+                read, new[name], s = _chunk(self.spec, st[name], inputs, lst, base=base[name], active=mask)
+                if name == "memory":
+                    out, surprise = read, s
             return new, (out, surprise, lr, gate)
 
-        state, (out, surprise, lr, gate) = jax.lax.scan(
-            body, state, (split(q), {key: split(z) for key, z in proj.items()}, last)
-        )
-        flat = lambda z: z.reshape(chunks * size, *z.shape[2:])[:n]  # noqa: E731
-        return flat(out), state, {"surprise": flat(surprise), "lr": flat(lr), "retention": flat(gate)}
+        plain = {name: MemoryState(m.weights, m.momentum) for name, m in state.items()}
+        xs = (lay.place(q), {key: lay.place(z) for key, z in proj.items()}, lay.last)
+        if lay.pos is None:  # from a chunk boundary: every chunk's gradients at its own start
+            partial = n % self.spec.chunk != 0  # the last chunk stays open: keep its start
+
+            def body(st, inputs):
+                weights = {name: m.weights for name, m in st.items()}
+                new, ys = one_chunk(st, weights, *inputs, None)
+                return new, (*ys, weights if partial else None)
+
+            new, (out, surprise, lr, gate, starts) = jax.lax.scan(body, plain, xs)
+            take = (lambda w: w[-1]) if partial else (lambda w: w)  # noqa: E731
+            kept = {
+                name: jax.tree.map(take, starts[name] if partial else m.weights) for name, m in new.items()
+            }
+        else:  # inside a chunk: the first chunk's gradients at the open chunk's start (realigned)
+
+            def body(carry, inputs):
+                st, base, kept = carry
+                *chunk_in, index = inputs
+                new, ys = one_chunk(st, base, *chunk_in)
+                kept = jax.tree.map(lambda b, o: jnp.where(index <= lay.last_chunk, b, o), base, kept)
+                return (new, {name: m.weights for name, m in new.items()}, kept), ys
+
+            first = {name: lay.first_base(m) for name, m in state.items()}
+            xs = (*xs, lay.active(), jnp.arange(lay.chunks))
+            (new, _, kept), (out, surprise, lr, gate) = jax.lax.scan(body, (plain, first, first), xs)
+        state = {
+            name: _block_state(self.spec, m.weights, m.momentum, kept[name], lay.pos_after)
+            for name, m in new.items()
+        }
+        aux = {"surprise": lay.take(surprise), "lr": lay.take(lr), "retention": lay.take(gate)}
+        return lay.take(out), state, aux
 
     def _scanned(self, state: dict, q: Array, proj: dict, reads):
         def step(carry, inputs):
@@ -229,26 +300,30 @@ class SelfModifyingMemory(nnx.Module):
             base = {name: block_base(self.spec, st[name].weights, base[name], pos) for name in MEMORIES}
             k, v, lr, gate = self._generate(base, {key: z[None] for key, z in pt.items()}, reads)
             k, v, lr, gate = k[0], v[0], lr[0], gate[0]
+            targets = self._targets(base, v[None])
             new = {}
             for name in MEMORIES:
-                target = v if name == "memory" else memory_apply(self.spec, base[name], v[None])[0]
                 w, m, s = token_write(
                     self.spec,
                     st[name].weights,
                     st[name].momentum,
                     base[name],
                     k,
-                    target,
+                    targets[name][0],
                     lr,
                     gate,
                     self.momentum_rate,
                 )
                 new[name] = MemoryState(w, m)
             out = memory_apply(self.spec, new["memory"].weights, qt[None])[0]
-            return (new, base, pos + 1), (out, s, lr, gate)
+            return (new, base, (pos + 1) % self.spec.chunk), (out, s, lr, gate)
 
-        base = {name: state[name].weights for name in MEMORIES}
-        (state, _, _), (out, surprise, lr, gate) = jax.lax.scan(
-            step, (state, base, jnp.zeros((), jnp.int32)), (q, proj)
-        )
+        plain = {name: MemoryState(m.weights, m.momentum) for name, m in state.items()}
+        base = {name: m.weights if m.base is None else m.base for name, m in state.items()}
+        pos = state["memory"].pos
+        pos = jnp.zeros((), jnp.int32) if pos is None else pos
+        (new, base, pos), (out, surprise, lr, gate) = jax.lax.scan(step, (plain, base, pos), (q, proj))
+        state = {
+            name: _block_state(self.spec, m.weights, m.momentum, base[name], pos) for name, m in new.items()
+        }
         return out, state, {"surprise": surprise, "lr": lr, "retention": gate}
