@@ -3,7 +3,8 @@ Titans at matched parameter counts. Issue 12, item 6(d).
 
 Command:  nestlearn run char_lm [--set models=hope,transformer --set steps=N --set context=128 ...]
           [--quick] [--resume]   (--quick: context 64, a few dozen steps)
-Runtime:  about 12 minutes on 2 (shared) CPU cores; --quick under 2 minutes (mostly compilation).
+Runtime:  5.8 minutes of CPU time (38 minutes of wall time on 2 cores shared at load 12-19); --quick
+          2.3 minutes of CPU time (7.5 minutes of wall time there), mostly compilation.
 Produces: results/char_lm.csv (per model and seed: width, parameters, validation bits per character and
           perplexity per character, diverged step), results/char_lm_positions.csv (validation bits per
           character per bucket of context positions), results/char_lm_curves.csv (training bits per

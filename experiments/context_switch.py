@@ -9,7 +9,8 @@ overwrites cannot.
 Command:  nestlearn run context_switch [--set models=transformer,hope --set steps=N ...] [--quick]
           [--resume]   (--quick: HOPE, HOPE without CMS and the Transformer, two seeds, width
           16, 40 steps)
-Runtime:  about 12 minutes on 2 (shared) CPU cores; --quick under 2 minutes (mostly compilation).
+Runtime:  6.4 minutes of CPU time (39 minutes of wall time on 2 cores shared at load 12-19); --quick
+          2 minutes of CPU time (7 minutes of wall time there), mostly compilation.
 Produces: results/context_switch.csv (per model and seed: parameters, accuracy on the old and on the new
           regime's values, diverged step), results/context_switch_curves.csv (the same accuracies after
           every chunk of training), figures/context_switch (pdf and png), status.json.

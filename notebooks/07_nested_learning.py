@@ -35,7 +35,7 @@
 # With `NESTLEARN_SMALL=1` in the environment (what the test suite runs) every training run is cut
 # to a few steps and the cheapest models: the small version shows the machinery, and its numbers
 # must not be read as results. The full size runs the experiments' default configurations (about
-# 25 minutes on two CPU cores); the measured tables are in the README.
+# 12 minutes of CPU time on two cores); the measured tables are in the README.
 
 # %%
 # %matplotlib inline
