@@ -156,6 +156,19 @@ def fig_experiment(experiment: str) -> Callable[[Path], plt.Figure]:
     return make
 
 
+def fig_context_switch(runs: Path) -> plt.Figure:
+    """The in-context regime switch (issue 12, 6c): old- and new-regime recall per model."""
+    directory = finished_run(runs, "context_switch")
+    values = json.loads((directory / "status.json").read_text()).get("values")
+    return experiment_module("context_switch").figure(directory / "results", values)
+
+
+def fig_char_lm(runs: Path) -> plt.Figure:
+    """The character-level language model (issue 12, 6d): bits per character against context position."""
+    directory = finished_run(runs, "char_lm")
+    return experiment_module("char_lm").figure(directory / "results")
+
+
 FIGURES: dict[str, Callable[[Path], plt.Figure]] = {
     "01_permuted_forgetting_curves": fig_permuted_forgetting,
     "01_permuted_average_accuracy": fig_permuted_average,
@@ -171,6 +184,8 @@ FIGURES: dict[str, Callable[[Path], plt.Figure]] = {
     "06_two_languages": fig_memory("languages"),
     "06_memory_zoo": fig_experiment("memory_zoo"),
     "06_passkey": fig_experiment("passkey"),
+    "07_context_switch": fig_context_switch,
+    "07_char_lm": fig_char_lm,
 }
 
 

@@ -21,7 +21,7 @@ NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 SCRIPTS = sorted(NOTEBOOKS.glob("*.py"))
 CELL_TIMEOUT_S = 600
 # Notebooks whose training runs through nestlearn's host loops (Learner.run, SeqTrainer, engine.Progress).
-PROGRESS_BARS = {"01_forgetting_curves", "04_maml_initialisations", "06_memory_models"}
+PROGRESS_BARS = {"01_forgetting_curves", "04_maml_initialisations", "06_memory_models", "07_nested_learning"}
 
 # Appended to the executed copy: proves the kernel runs the test's interpreter and environment.
 _PROBE = "import os, sys\nprint(sys.prefix)\nprint(os.environ.get('NESTLEARN_SMALL'))"

@@ -60,7 +60,38 @@ def runs(tmp_path_factory):
         script(runs, "maml_continual", ["n_iters=2", "seeds=0,1"])
     write_memory_recall_results(runs / "memory_recall")
     write_zoo_and_passkey_results(runs)
+    write_hope_b_results(runs)
     return runs
+
+
+def write_hope_b_results(runs: Path) -> None:
+    """Result tables in context_switch's and char_lm's layouts (tests/test_hope_experiments_b.py runs them)."""
+    import json
+
+    import pandas as pd
+
+    models = ("hope", "transformer")
+    results = runs / "context_switch" / "results"
+    results.mkdir(parents=True)
+    rows = [{"model": m, "seed": s, "params": 1000, "width": 8, "acc_old": 0.2 + 0.1 * s, "acc_new": 0.9,
+             "diverged_step": -1} for m in models for s in (0, 1)]  # fmt: skip
+    pd.DataFrame(rows).to_csv(results / "context_switch.csv", index=False)
+    rows = [{"model": m, "seed": s, "step": t, "acc_old": 0.1 * t, "acc_new": 0.2 * t}
+            for m in models for s in (0, 1) for t in (0, 1, 2)]  # fmt: skip
+    pd.DataFrame(rows).to_csv(results / "context_switch_curves.csv", index=False)
+    (runs / "context_switch" / "status.json").write_text(json.dumps({"complete": True, "values": 6}))
+    results = runs / "char_lm" / "results"
+    results.mkdir(parents=True)
+    rows = [{"model": m, "seed": s, "width": 8, "params": 1000, "val_bpc": 3.0, "val_ppl": 8.0, "windows": 8,
+             "diverged_step": -1} for m in models for s in (0, 1)]  # fmt: skip
+    pd.DataFrame(rows).to_csv(results / "char_lm.csv", index=False)
+    rows = [{"model": m, "seed": s, "position": p, "bpc": 3.0 - p / 64} for m in models for s in (0, 1)
+            for p in (0, 32)]  # fmt: skip
+    pd.DataFrame(rows).to_csv(results / "char_lm_positions.csv", index=False)
+    rows = [{"model": m, "seed": s, "step": t, "train_bpc": 4.0 - t / 100} for m in models for s in (0, 1)
+            for t in (100, 200)]  # fmt: skip
+    pd.DataFrame(rows).to_csv(results / "char_lm_curves.csv", index=False)
+    (runs / "char_lm" / "status.json").write_text(json.dumps({"complete": True}))
 
 
 def write_memory_recall_results(directory: Path) -> None:
