@@ -147,7 +147,7 @@ def test_every_figure_is_built_from_stored_results_without_training(runs, tmp_pa
     )
     monkeypatch.setattr(continual, "run_online_regression", lambda *a, **k: pytest.fail("must not train"))
     assert module.main(["--runs", str(runs), "--out", str(tmp_path / "figs")]) == 0
-    assert len(module.FIGURES) == 14
+    assert len(module.FIGURES) == 16
     for name in module.FIGURES:
         pdf = tmp_path / "figs" / f"{name}.pdf"
         assert pdf.read_bytes()[:5] == b"%PDF-", name
