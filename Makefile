@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-all lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 test: lint
+	$(PY) -m pytest -q -m "not slow"
+
+# Everything, including the end-to-end experiment runs marked slow (a few minutes more).
+test-all: lint
 	$(PY) -m pytest -q
 
 # Peers (Avalanche, PyTorch) install into their own environment; see benchmarks/README.md.

@@ -166,6 +166,7 @@ TINY = ["--quick", "--set", "models=linear_attention,transformer", "--set", "ste
         "--set", "eval_batches=1", "--set", "batch=4", "--set", "seeds=0,1"]  # fmt: skip
 
 
+@pytest.mark.slow  # end to end through the CLI; `make test-all` runs it, `make test` (CI) does not
 def test_memory_zoo_cli_writes_tables_summary_and_figure(tmp_path, capsys):
     out = tmp_path / "zoo"
     with jax.numpy_dtype_promotion("standard"):
@@ -193,6 +194,7 @@ def test_memory_zoo_cli_writes_tables_summary_and_figure(tmp_path, capsys):
     assert json.loads((out / "status.json").read_text())["complete"] is True
 
 
+@pytest.mark.slow  # end to end through the CLI; `make test-all` runs it, `make test` (CI) does not
 def test_passkey_cli_evaluates_beyond_the_training_length(tmp_path, capsys):
     out = tmp_path / "pk"
     sets = [*TINY, "--set", "tasks=multikey", "--set", "learning_rates=0.01", "--set", "lengths=1,2",

@@ -139,6 +139,7 @@ def test_split_accuracy_matches_numpy_on_full_logits():
     np.testing.assert_allclose([old, new], [np.mean(hits[0]), np.mean(hits[1])], atol=1e-6)
 
 
+@pytest.mark.slow  # end to end through the CLI; `make test-all` runs it, `make test` (CI) does not
 def test_context_switch_run_writes_tables_and_figure(tmp_path, standard_promotion):
     sets = ["models=deltanet,transformer", "seeds=0,1", "width=8", "batch=2", "keys=2", "values=4",
             "repeats=1", "steps=2", "chunk=1", "eval_batches=2"]  # fmt: skip
@@ -223,6 +224,7 @@ def test_matched_width_is_the_closest_parameter_count():
     assert LM.matched_width(build, own) == 24
 
 
+@pytest.mark.slow  # end to end through the CLI; `make test-all` runs it, `make test` (CI) does not
 def test_char_lm_run_writes_matched_tables_and_figure(tmp_path, standard_promotion):
     sets = ["models=transformer,deltanet", "reference=transformer", "seeds=0,1", "width=8", "context=16",
             "bucket=8", "batch=2", "steps=2", "chunk=1", "eval_windows=8", "long_context=32"]  # fmt: skip
