@@ -45,6 +45,7 @@ def _parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=5, help="number of seeds, run as 0..S-1")
     p.add_argument("--out", required=True, help="path of the result JSON")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--strategy", choices=("naive", "ewc", "replay"), default="naive")
     p.add_argument("--ewc-lambda", type=float, default=None, help="EWC penalty weight (--strategy ewc)")
     p.add_argument("--mem-size", type=int, default=None, help="replay buffer size (--strategy replay)")
@@ -165,7 +166,7 @@ def make_strategy(model):
         train_mb_size=BATCH,
         train_epochs=EPOCHS,
         eval_mb_size=EVAL_BATCH,
-        device="cpu",
+        device=ARGS.device,
         evaluator=evaluator,
     )
     if ARGS.strategy == "ewc":

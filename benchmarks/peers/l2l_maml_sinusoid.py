@@ -65,6 +65,7 @@ def _parse_args(argv=None):
     p.add_argument("--iters-per-block", type=int, default=50, help="meta-iterations per timing block")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--json", required=True, help="path of the result JSON")
     args = p.parse_args(argv)
     if args.warmup < 0:
@@ -119,9 +120,9 @@ def make_model():
 
 def sample_tasks(n_tasks):
     """One meta-batch of sinusoid tasks: support and query (x, y), each [n_tasks, K, 1]."""
-    amp = torch.empty(n_tasks, 1, 1).uniform_(*AMP_RANGE)
-    phase = torch.empty(n_tasks, 1, 1).uniform_(*PHASE_RANGE)
-    x = torch.empty(n_tasks, K_SUPPORT + K_QUERY, 1).uniform_(*X_RANGE)
+    amp = torch.empty(n_tasks, 1, 1, device=ARGS.device).uniform_(*AMP_RANGE)
+    phase = torch.empty(n_tasks, 1, 1, device=ARGS.device).uniform_(*PHASE_RANGE)
+    x = torch.empty(n_tasks, K_SUPPORT + K_QUERY, 1, device=ARGS.device).uniform_(*X_RANGE)
     y = amp * torch.sin(x - phase)
     return x[:, :K_SUPPORT], y[:, :K_SUPPORT], x[:, K_SUPPORT:], y[:, K_SUPPORT:]
 
@@ -163,7 +164,7 @@ def write_json_atomic(path, obj):
 
 def main():
     seed_everything(ARGS.seed)
-    maml = l2l.algorithms.MAML(make_model(), lr=INNER_LR, first_order=ARGS.order == 1)
+    maml = l2l.algorithms.MAML(make_model().to(ARGS.device), lr=INNER_LR, first_order=ARGS.order == 1)
     opt = torch.optim.Adam(maml.parameters(), lr=OUTER_LR)
     loss_fn = nn.MSELoss()
     setup_seconds = time.perf_counter() - T0

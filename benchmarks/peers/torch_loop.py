@@ -36,6 +36,7 @@ def _parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=5, help="number of seeds, run as 0..S-1")
     p.add_argument("--out", required=True, help="path of the result JSON")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
@@ -78,11 +79,9 @@ def load_data(path):
     for y in (ty, vy):
         if y.min() < 0 or y.max() >= N_CLASSES:
             raise SystemExit(f"labels must lie in [0, {N_CLASSES})")
-    return (
-        torch.from_numpy(np.ascontiguousarray(tx, dtype=np.float32)),
-        torch.from_numpy(np.ascontiguousarray(ty, dtype=np.int64)),
-        torch.from_numpy(np.ascontiguousarray(vx, dtype=np.float32)),
-        torch.from_numpy(np.ascontiguousarray(vy, dtype=np.int64)),
+    return tuple(
+        torch.from_numpy(np.ascontiguousarray(a, dtype=dt)).to(ARGS.device)
+        for a, dt in ((tx, np.float32), (ty, np.int64), (vx, np.float32), (vy, np.int64))
     )
 
 
@@ -125,7 +124,7 @@ def evaluate(model, x, y):
 def run_seed(seed, train_x, train_y, test_x, test_y):
     n_tasks, n_train = train_x.shape[0], train_x.shape[1]
     seed_everything(seed)
-    model = make_model(train_x.shape[2])
+    model = make_model(train_x.shape[2]).to(ARGS.device)
     # One optimizer for the whole run; its momentum state is kept across tasks (as Avalanche's Naive).
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     loss_fn = nn.CrossEntropyLoss()
@@ -134,7 +133,9 @@ def run_seed(seed, train_x, train_y, test_x, test_y):
         xi, yi = train_x[i], train_y[i]
         model.train()
         for _ in range(EPOCHS):
-            perm = torch.randperm(n_train)  # reshuffled each epoch; last partial batch kept
+            perm = torch.randperm(
+                n_train, device=ARGS.device
+            )  # reshuffled each epoch; last partial batch kept
             for b in range(0, n_train, BATCH):
                 idx = perm[b : b + BATCH]
                 opt.zero_grad()
@@ -172,6 +173,8 @@ def main():
     for s in range(ARGS.seeds):
         t = time.perf_counter()
         acc = run_seed(s, train_x, train_y, test_x, test_y)
+        if ARGS.device != "cpu":
+            torch.cuda.synchronize()
         train_seconds.append(time.perf_counter() - t)
         acc_matrix.append(acc)
         final_avg.append(float(np.mean(acc[-1])))
