@@ -26,7 +26,14 @@ def test_gcloud_builds_the_documented_commands():
                                       "--version=tpu-ubuntu2204-base", "--spot"]  # fmt: skip
     assert gcloud("describe", spec) == [*vm, "describe", "exp", *tail, "--format=value(state)"]
     assert gcloud("delete", spec) == [*vm, "delete", "exp", *tail, "--quiet"]
-    assert gcloud("scp", spec, source="/tmp/b.tgz") == [*vm, "scp", "/tmp/b.tgz", "exp:~/", *tail, "--worker=all"]
+    assert gcloud("scp", spec, source="/tmp/b.tgz") == [
+        *vm,
+        "scp",
+        "/tmp/b.tgz",
+        "exp:~/",
+        *tail,
+        "--worker=all",
+    ]
     assert gcloud("ssh", spec, command="ls") == [*vm, "ssh", "exp", *tail, "--worker=all", "--command=ls"]
     on_demand = TpuSpec("exp", "us-central2-b")
     assert gcloud("create", on_demand) == [*vm, "create", "exp", ZONE, "--accelerator-type=v4-8",
@@ -77,7 +84,9 @@ def fake_gcloud(tmp_path, monkeypatch):
         state.write_text(json.dumps({"vm": "absent", **world}))
 
     def calls():
-        return [["gcloud", *json.loads(line)] for line in log.read_text().splitlines()] if log.exists() else []
+        return (
+            [["gcloud", *json.loads(line)] for line in log.read_text().splitlines()] if log.exists() else []
+        )
 
     return set_world, calls
 
@@ -189,7 +198,7 @@ def test_cli_dry_run_prints_commands_and_refuses_bad_input(fake_gcloud, tmp_path
     assert [line.split()[5] for line in printed] == ["create", "scp", "ssh", "ssh", "delete"]
     assert printed[1].split()[7] == "'nl-dry:~/'" and "nl-dry --zone=us-central2-b" in printed[4]
     assert "--spot" in printed[0] and calls() == []  # nothing ran
-    assert main([*args[:6], "/tmp/local", *args[7:]]) == 2
+    assert main([*args[:7], "/tmp/local", *args[8:]]) == 2
     assert "--out /tmp/local: results on the VM's disk are lost" in capsys.readouterr().err
     bad = tmp_path / "bad.toml"
     bad.write_text("[[experiment]]\nnme = 'x'\n")

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from nestlearn._errors import ConfigError, NestlearnError
-from nestlearn.experiment._config import ExperimentConfig, to_dict
+from nestlearn.experiment._config import ExperimentConfig, to_dict, validate
 
 STATES = ("pending", "running", "done", "diverged", "failed")
 FINISHED = ("done", "diverged")
@@ -82,7 +82,11 @@ def _seeds(value: Any, where: str) -> list[int] | None:
         if value < 1:
             raise ConfigError(f"{where}: seeds must be positive, got {value}")
         return list(range(value))
-    if isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+    ):
         if len(set(value)) != len(value) or min(value) < 0:
             raise ConfigError(f"{where}: seeds must be distinct non-negative integers, got {value}")
         return list(value)
@@ -156,7 +160,9 @@ def read_sweep(path: str | os.PathLike) -> list[SweepRun]:
     ids = [r.id for r in runs]
     if len(set(ids)) != len(ids):
         dup = next(r for r in runs if ids.count(r.id) > 1)
-        raise ConfigError(f"sweep file {path}: run {dup.experiment} {list(dup.overrides)} seed {dup.seed} twice")
+        raise ConfigError(
+            f"sweep file {path}: run {dup.experiment} {list(dup.overrides)} seed {dup.seed} twice"
+        )
     return runs
 
 
@@ -188,7 +194,9 @@ def _resolve(run: SweepRun, module: Any) -> Any:
     if isinstance(config, ExperimentConfig):
         return dataclasses.replace(config, first_seed=run.seed, seeds=1)
     if "seed" not in {f.name for f in dataclasses.fields(config)}:
-        raise ConfigError(f"experiment {run.experiment!r} has no 'seed' field; drop 'seeds' from its sweep entry")
+        raise ConfigError(
+            f"experiment {run.experiment!r} has no 'seed' field; drop 'seeds' from its sweep entry"
+        )
     return dataclasses.replace(config, seed=run.seed)
 
 
@@ -215,12 +223,17 @@ def pack(runs: Sequence[SweepRun], *, on_error: Callable[[SweepRun, str], None])
             if run.experiment not in modules:
                 modules[run.experiment] = load_experiment(run.experiment)[1]
             config = _resolve(run, modules[run.experiment])
+            if isinstance(config, ExperimentConfig):
+                validate(config)  # a bad value fails its run now, not its whole group later
         except NestlearnError as e:
             on_error(run, f"config error: {e}")
             continue
         if not isinstance(config, ExperimentConfig):
             seed = [f"seed={run.seed}"] if run.seed is not None else []
             singles.append(Group(run.experiment, run.quick, (*run.overrides, *seed), (run.id,), False))
+            continue
+        if run.seed is None:  # the experiment's own seeds, as it stands: one program of its own
+            singles.append(Group(run.experiment, run.quick, run.overrides, (run.id,), True))
             continue
         base = to_dict(config)
         swept = {k: v for k, v in base.pop("sweep").items() if v}
@@ -300,7 +313,9 @@ class Manifest:
                 data = json.loads(self.file.read_text())
                 self.runs, self.groups = data["runs"], data.get("groups", {})
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConfigError(f"{self.file} is not a sweep manifest ({e}); choose another --out") from None
+                raise ConfigError(
+                    f"{self.file} is not a sweep manifest ({e}); choose another --out"
+                ) from None
 
     def save(self) -> None:
         """Writes the manifest atomically (a temporary file and a rename; one object write on GCS)."""
@@ -332,12 +347,21 @@ class Manifest:
             if states and r["state"] not in states:
                 continue
             metric = r.get("metric") or {}
-            shown = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metric.items())
+            shown = " ".join(
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metric.items()
+            )
             if r["state"] == "failed":
                 shown = r.get("message", "")
             rows.append(
-                (rid, r["state"], r["experiment"], "" if r["seed"] is None else str(r["seed"]),
-                 " ".join(r["overrides"]) or "-", r.get("group") or "-", shown)  # fmt: skip
+                (
+                    rid,
+                    r["state"],
+                    r["experiment"],
+                    "" if r["seed"] is None else str(r["seed"]),
+                    " ".join(r["overrides"]) or "-",
+                    r.get("group") or "-",
+                    shown,
+                )  # fmt: skip
             )
         widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
         for row in rows:
@@ -348,8 +372,8 @@ class Manifest:
 def _metric(directory: Any, rows: dict[str, list[int]]) -> tuple[dict[str, float], dict[str, int], bool]:
     """A run's final average accuracy per strategy (per swept value), its diverged steps, and whether any
     of its rows diverged, from the group's ``results/<strategy>.npz``."""
-    from nestlearn.experiment._rundir import load_result
     from nestlearn.experiment._run import swept_key
+    from nestlearn.experiment._rundir import load_result
 
     metric, diverged = {}, {}
     for strategy, idx in rows.items():
@@ -367,9 +391,10 @@ def _metric(directory: Any, rows: dict[str, list[int]]) -> tuple[dict[str, float
 
 
 def _rows(directory: Any, run: SweepRun, config: ExperimentConfig) -> dict[str, list[int]]:
-    """The rows of the group's results that are ``run``'s: its seed, and its swept values per strategy."""
-    from nestlearn.experiment._rundir import load_result
+    """The rows of the group's results that are ``run``'s (``config``: the run's own resolved config): its
+    seed (every seed of the config if the run named none), and its swept values per strategy."""
     from nestlearn.experiment._run import strategy_and_sweep
+    from nestlearn.experiment._rundir import load_result
 
     rows = {}
     for strategy in config.strategies:
@@ -378,10 +403,13 @@ def _rows(directory: Any, run: SweepRun, config: ExperimentConfig) -> dict[str, 
         wanted = [
             i
             for i, r in enumerate(result.runs)
-            if r["seed"] == run.seed and all(r[k] in vs for k, vs in sweep.items())
+            if config.first_seed <= r["seed"] < config.first_seed + config.seeds
+            and all(r[k] in vs for k, vs in sweep.items())
         ]
         if not wanted:
-            raise NestlearnError(f"no row of {directory}/results/{strategy}.npz is run {run.id} (seed {run.seed})")
+            raise NestlearnError(
+                f"no row of {directory}/results/{strategy}.npz is run {run.id} (seed {run.seed})"
+            )
         rows[strategy] = wanted
     return rows
 
@@ -390,7 +418,9 @@ def _preempted(e: BaseException) -> bool:
     import nestlearn._errors as errors
 
     kind = getattr(errors, "Preempted", None)
-    return (kind is not None and isinstance(e, kind)) or (isinstance(e, SystemExit) and e.code == EXIT_PREEMPTED)
+    return (kind is not None and isinstance(e, kind)) or (
+        isinstance(e, SystemExit) and e.code == EXIT_PREEMPTED
+    )
 
 
 def run_sweep(
@@ -433,8 +463,11 @@ def run_sweep(
             "overrides": list(run.overrides),
             "seed": run.seed,
             "quick": run.quick,
-            **{k: v for k, v in prior.items() if k in ("state", "group", "directory", "rows", "metric",
-                                                      "diverged_step", "message")},  # fmt: skip
+            **{
+                k: v
+                for k, v in prior.items()
+                if k in ("state", "group", "directory", "rows", "metric", "diverged_step", "message")
+            },  # fmt: skip
         }
         manifest.runs[run.id].setdefault("state", "pending")
     by_id = {r.id: r for r in runs}
@@ -505,16 +538,15 @@ def run_sweep(
 
 def _record(manifest: Manifest, group: Group, directory: Any, by_id: dict[str, SweepRun]) -> None:
     """Splits a finished group's results back per run: rows, metric, state."""
-    from nestlearn.experiment._cli import load_experiment, resolve
+    from nestlearn.experiment._cli import load_experiment
 
     if not group.packed:
         for rid in group.members:
             manifest.runs[rid].update(state="done", metric=None)
         return
     module = load_experiment(group.experiment)[1]
-    config = resolve(module, list(group.overrides), quick=group.quick)
     for rid in group.members:
-        rows = _rows(directory, by_id[rid], config)
+        rows = _rows(directory, by_id[rid], _resolve(by_id[rid], module))
         metric, diverged, any_diverged = _metric(directory, rows)
         clean = {k: (None if math.isnan(v) else v) for k, v in metric.items()}
         manifest.runs[rid].update(
@@ -546,7 +578,9 @@ def add_parsers(sub) -> None:
     """Adds ``nestlearn sweep``, ``nestlearn status`` and ``nestlearn tpu`` to the CLI's subparsers."""
     from nestlearn.launch import add_tpu_parser
 
-    p = sub.add_parser("sweep", help="run a sweep file (experiments x grids x seeds), packed into few programs")
+    p = sub.add_parser(
+        "sweep", help="run a sweep file (experiments x grids x seeds), packed into few programs"
+    )
     p.add_argument("file", help="the sweep file (.toml or .json)")
     p.add_argument("--out", required=True, help="the sweep directory (manifest.json, groups/)")
     p.add_argument("--dry-run", action="store_true", help="print the programs that would run; run nothing")

@@ -9,4 +9,14 @@
 from nestlearn.launch._gcloud import TpuSpec, gcloud
 from nestlearn.launch._launcher import DryRun, Job, Launcher, Runner, add_tpu_parser, build_bundle, tpu_main
 
-__all__ = ["DryRun", "Job", "Launcher", "Runner", "TpuSpec", "add_tpu_parser", "build_bundle", "gcloud", "tpu_main"]
+__all__ = [
+    "DryRun",
+    "Job",
+    "Launcher",
+    "Runner",
+    "TpuSpec",
+    "add_tpu_parser",
+    "build_bundle",
+    "gcloud",
+    "tpu_main",
+]

@@ -58,7 +58,9 @@ class Job:
         if bool(self.experiment) == bool(self.sweep):
             raise ConfigError("nestlearn tpu: give an EXPERIMENT or --sweep FILE (one of them)")
         if self.sweep and (self.sets or self.quick):
-            raise ConfigError("--set and --quick belong in the sweep file (per experiment), not on the command")
+            raise ConfigError(
+                "--set and --quick belong in the sweep file (per experiment), not on the command"
+            )
 
     def command(self, *, resume: bool) -> str:
         """The shell command every worker runs (in the unpacked bundle), ending with the exit marker."""
@@ -118,7 +120,9 @@ class DryRun(Runner):
         return 0
 
 
-def build_bundle(stage: Path, *, wheel: str | None, sweep: str, runner: Runner, repo: Path) -> tuple[Path, str]:
+def build_bundle(
+    stage: Path, *, wheel: str | None, sweep: str, runner: Runner, repo: Path
+) -> tuple[Path, str]:
     """Builds the archive copied to every worker: the wheel, ``experiments/`` and the sweep file.
 
     Args:
@@ -269,7 +273,9 @@ class Launcher:
             raise OSError(f"gcloud scp to {self.spec.name} failed (exit {rc})")
         rc, _ = self._gcloud("ssh", command=install_command(wheel))
         if rc != 0:
-            raise OSError(f"installing nestlearn on {self.spec.name} failed (exit {rc}); see the output above")
+            raise OSError(
+                f"installing nestlearn on {self.spec.name} failed (exit {rc}); see the output above"
+            )
 
     def run_job(self, *, resume: bool) -> int | None:
         """Launches the job on every worker, streaming its log; the run's exit code (the worst a worker
@@ -349,7 +355,9 @@ class Launcher:
                 if created and not self.keep:
                     self.delete()
                 elif created:
-                    self.log(f"kept {self.spec.name}; delete it with: {shlex.join(gcloud('delete', self.spec))}")
+                    self.log(
+                        f"kept {self.spec.name}; delete it with: {shlex.join(gcloud('delete', self.spec))}"
+                    )
 
 
 def add_tpu_parser(sub) -> None:
@@ -360,7 +368,9 @@ def add_tpu_parser(sub) -> None:
         description=__doc__.splitlines()[0],
     )
     p.add_argument("experiment", nargs="?", default="", help="experiment name (or give --sweep FILE)")
-    p.add_argument("--sweep", default="", metavar="FILE", help="a sweep file to run instead of one experiment")
+    p.add_argument(
+        "--sweep", default="", metavar="FILE", help="a sweep file to run instead of one experiment"
+    )
     p.add_argument("--out", required=True, help="output directory, a gs://bucket/path that every host writes")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--quick", action="store_true")
