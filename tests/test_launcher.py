@@ -2,8 +2,10 @@
 
 import json
 import os
+import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -57,14 +59,40 @@ def test_job_command_keeps_the_exit_code_and_resumes():
     job = Job(out="gs://b/run", experiment="permuted_mnist_forgetting", sets=("optim.lr=0.1",), quick=True)
     cmd = job.command(resume=True)
     assert cmd.endswith(
-        "nestlearn run permuted_mnist_forgetting --out gs://b/run --set optim.lr=0.1 --quick --resume; rc=$?; "
-        'echo "nestlearn-exit $rc"; exit $rc'
+        "nestlearn run permuted_mnist_forgetting --out gs://b/run --set optim.lr=0.1 --quick --resume & "
+        'echo $! > job.pid; wait $!; rc=$?; echo "nestlearn-exit $rc"; exit $rc'
     )
+    assert 'kill -TERM "$(cat job.pid)"' in cmd  # a run left from a dropped connection is stopped first
     assert "--resume" not in job.command(resume=False)
     sweep = Job(out="gs://b/s", sweep="/local/dir/grid.toml").command(resume=True)
-    assert "nestlearn sweep grid.toml --out gs://b/s;" in sweep  # a sweep resumes by itself
+    assert "nestlearn sweep grid.toml --out gs://b/s &" in sweep  # a sweep resumes by itself
     with pytest.raises(ConfigError, match="one of them"):
         Job(out="gs://b", experiment="a", sweep="b.toml")
+
+
+def test_job_command_runs_in_a_shell_stops_a_leftover_run_and_reports_the_exit_code(tmp_path):
+    # the remote command, run by a real shell: HOME with the unpacked bundle, a fake nestlearn that exits 4
+    (tmp_path / "nestlearn").mkdir()
+    bin_dir = tmp_path / ".local" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "nestlearn").write_text('#!/bin/sh\necho "args: $*"\nexit 4\n')
+    (bin_dir / "nestlearn").chmod(0o755)
+    leftover = subprocess.Popen(["sleep", "60"])  # a run still going after its ssh connection dropped
+    reaper = threading.Thread(target=leftover.wait)  # reaped when it ends, as init reaps an orphan
+    reaper.start()
+    (tmp_path / "nestlearn" / "job.pid").write_text(str(leftover.pid))
+    command = Job(out="gs://b/r", experiment="x").command(resume=True)
+    try:
+        proc = subprocess.run(["bash", "-c", command], env={**os.environ, "HOME": str(tmp_path)},
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+    finally:
+        if leftover.poll() is None:
+            leftover.kill()
+        reaper.join()
+    assert leftover.returncode == -15  # stopped with SIGTERM before the new run started
+    assert proc.stdout.splitlines() == ["args: run x --out gs://b/r --resume", "nestlearn-exit 4"]
+    assert proc.returncode == 4
+    assert (tmp_path / "nestlearn" / "job.pid").read_text().strip() != str(leftover.pid)
 
 
 @pytest.fixture
@@ -130,7 +158,7 @@ def test_preempted_vm_is_recreated_and_the_run_resumed(fake_gcloud, tmp_path):
         ("delete",),
     ])  # fmt: skip
     assert calls()[10][-1].startswith("--command=export PATH")
-    assert "--resume;" in calls()[10][-1] and "--resume" not in calls()[4][-1]
+    assert "--resume &" in calls()[10][-1] and "--resume" not in calls()[4][-1]
     assert lines == ["worker 0: [naive] task 1/3 done", "worker 0: [naive] task 1/1 done",
                      "worker 1: [naive] task 1/1 done"]  # fmt: skip
     assert any("nl-test is PREEMPTED" in m for m in logs)

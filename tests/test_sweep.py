@@ -159,6 +159,14 @@ def test_sweep_runs_packed_programs_splits_results_and_skips_done_on_relaunch(wo
     table = capsys.readouterr().out.splitlines()
     assert table[0] == "4 runs in 1 programs: 0 pending, 0 running, 2 done, 2 diverged, 0 failed"
     assert len(table) == 2 + 4 and table[1].split()[:3] == ["id", "state", "experiment"]
+    for rid, r in m.runs.items():
+        (line,) = [row for row in table if row.startswith(rid)]
+        shown = (
+            f"ewc=diverged@{r['diverged_step']['ewc']}"
+            if r["state"] == "diverged"
+            else f"ewc={r['metric']['ewc']:.4f}"
+        )
+        assert line.split()[1] == r["state"] and line.endswith(shown)
     # relaunch: nothing runs again
     calls = []
     run_sweep(f, out, execute=lambda *a: calls.append(a), log=lambda m: None)

@@ -346,9 +346,10 @@ class Manifest:
         for rid, r in self.runs.items():
             if states and r["state"] not in states:
                 continue
-            metric = r.get("metric") or {}
+            metric, steps = r.get("metric") or {}, r.get("diverged_step") or {}
             shown = " ".join(
-                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metric.items()
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}=diverged@{steps.get(k, '?')}"
+                for k, v in metric.items()
             )
             if r["state"] == "failed":
                 shown = r.get("message", "")
@@ -361,7 +362,7 @@ class Manifest:
                     " ".join(r["overrides"]) or "-",
                     r.get("group") or "-",
                     shown,
-                )  # fmt: skip
+                )
             )
         widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
         for row in rows:
@@ -369,15 +370,24 @@ class Manifest:
         return "\n".join(lines)
 
 
-def _metric(directory: Any, rows: dict[str, list[int]]) -> tuple[dict[str, float], dict[str, int], bool]:
+def _load(directory: Any, strategy: str, cache: dict[str, Any]) -> Any:
+    from nestlearn.experiment._rundir import load_result
+
+    if strategy not in cache:
+        cache[strategy] = load_result(directory / "results" / f"{strategy}.npz")
+    return cache[strategy]
+
+
+def _metric(
+    directory: Any, rows: dict[str, list[int]], cache: dict[str, Any]
+) -> tuple[dict[str, float], dict[str, int], bool]:
     """A run's final average accuracy per strategy (per swept value), its diverged steps, and whether any
     of its rows diverged, from the group's ``results/<strategy>.npz``."""
     from nestlearn.experiment._run import swept_key
-    from nestlearn.experiment._rundir import load_result
 
     metric, diverged = {}, {}
     for strategy, idx in rows.items():
-        result = load_result(directory / "results" / f"{strategy}.npz")
+        result = _load(directory, strategy, cache)
         key = swept_key(result)
         for i in idx:
             label = strategy if key is None or len(idx) == 1 else f"{strategy} {key}={result.runs[i][key]:g}"
@@ -390,15 +400,16 @@ def _metric(directory: Any, rows: dict[str, list[int]]) -> tuple[dict[str, float
     return metric, diverged, bool(diverged)
 
 
-def _rows(directory: Any, run: SweepRun, config: ExperimentConfig) -> dict[str, list[int]]:
+def _rows(
+    directory: Any, run: SweepRun, config: ExperimentConfig, cache: dict[str, Any]
+) -> dict[str, list[int]]:
     """The rows of the group's results that are ``run``'s (``config``: the run's own resolved config): its
     seed (every seed of the config if the run named none), and its swept values per strategy."""
     from nestlearn.experiment._run import strategy_and_sweep
-    from nestlearn.experiment._rundir import load_result
 
     rows = {}
     for strategy in config.strategies:
-        result = load_result(directory / "results" / f"{strategy}.npz")
+        result = _load(directory, strategy, cache)
         sweep = strategy_and_sweep(config, strategy)[1]
         wanted = [
             i
@@ -545,9 +556,10 @@ def _record(manifest: Manifest, group: Group, directory: Any, by_id: dict[str, S
             manifest.runs[rid].update(state="done", metric=None)
         return
     module = load_experiment(group.experiment)[1]
+    cache: dict[str, Any] = {}
     for rid in group.members:
-        rows = _rows(directory, by_id[rid], _resolve(by_id[rid], module))
-        metric, diverged, any_diverged = _metric(directory, rows)
+        rows = _rows(directory, by_id[rid], _resolve(by_id[rid], module), cache)
+        metric, diverged, any_diverged = _metric(directory, rows, cache)
         clean = {k: (None if math.isnan(v) else v) for k, v in metric.items()}
         manifest.runs[rid].update(
             state="diverged" if any_diverged else "done", rows=rows, metric=clean, diverged_step=diverged

@@ -18,10 +18,11 @@ from nestlearn._errors import ConfigError
 ACTIONS = ("create", "describe", "delete", "scp", "ssh")
 
 # Node states (TPU API v2, Node.State) and queued-resource states (QueuedResourceState.State), mapped to
-# what the launcher does about them.
+# what the launcher does about them: READY (ACTIVE for a queued resource) runs, TRANSIENT ones are waited
+# for, any other (PREEMPTED, TERMINATED, STOPPED, SUSPENDED, FAILED, ...) is deleted and recreated.
 READY = "READY"
-GONE = ("PREEMPTED", "TERMINATED", "STOPPED", "STOPPING", "DELETING", "SUSPENDED", "SUSPENDING", "FAILED")
 QUEUED_READY = "ACTIVE"
+TRANSIENT = ("CREATING", "STARTING", "RESTARTING", "REPAIRING", "PROVISIONING")  # wait, then look again
 
 
 @dataclasses.dataclass(frozen=True)

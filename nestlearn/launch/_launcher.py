@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nestlearn._errors import ConfigError, NestlearnError
-from nestlearn.launch._gcloud import QUEUED_READY, READY, TpuSpec, gcloud
+from nestlearn.launch._gcloud import QUEUED_READY, READY, TRANSIENT, TpuSpec, gcloud
 
 EXIT_DONE, EXIT_CONFIG, EXIT_OPERATING, EXIT_PREEMPTED = 0, 2, 3, 4
 EXIT_GAVE_UP = 5  # the launcher's own: every attempt was preempted or lost
@@ -71,9 +71,15 @@ class Job:
             argv = [*cli, "run", self.experiment, "--out", self.out]
             argv += [a for s in self.sets for a in ("--set", s)]
             argv += ["--quick"] * self.quick + ["--resume"] * (resume or self.resume)
+        # A run left over from a dropped connection is stopped first (SIGTERM: it checkpoints and exits),
+        # so two processes never write one run directory; the run's pid is kept in job.pid for that.
+        stop_old = (
+            'if [ -f job.pid ] && kill -0 "$(cat job.pid)" 2>/dev/null; then kill -TERM "$(cat job.pid)"; '
+            'while kill -0 "$(cat job.pid)" 2>/dev/null; do sleep 1; done; fi'
+        )
         return (
-            f'export PATH="$HOME/.local/bin:$PATH"; cd "{REMOTE_DIR}" && {shlex.join(argv)}; rc=$?; '
-            'echo "nestlearn-exit $rc"; exit $rc'
+            f'export PATH="$HOME/.local/bin:$PATH"; cd "{REMOTE_DIR}" || exit 3; {stop_old}; '
+            f'{shlex.join(argv)} & echo $! > job.pid; wait $!; rc=$?; echo "nestlearn-exit $rc"; exit $rc'
         )
 
 
@@ -342,6 +348,11 @@ class Launcher:
                         self.log(f"giving up after {self.attempts} launches; the run's checkpoints stay in "
                                  f"{self.job.out}: rerun with --resume to continue")  # fmt: skip
                         return EXIT_GAVE_UP
+                    waited = 0.0
+                    while state in TRANSIENT and waited < self.queue_timeout:  # repairing, restarting...
+                        self.sleep(self.poll)
+                        waited += self.poll
+                        state = self.state()
                     if state != READY:
                         if state:  # PREEMPTED, TERMINATED, SUSPENDED...: the name must be freed first
                             self.delete()
