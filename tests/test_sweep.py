@@ -118,6 +118,18 @@ def test_pack_merges_seeds_and_swept_strengths_only(workdir):
     # the merged config is exactly the runs' product
     merged = override(ExperimentConfig(), ["strategies=naive,ewc", *groups[0].overrides])
     assert (merged.first_seed, merged.seeds, merged.sweep.ewc) == (0, 3, (1.0, 10.0))
+    # --dry-run: the programs, as the nestlearn run commands they amount to; nothing written
+    f = _write(
+        workdir / "s.toml",
+        '[[experiment]]\nname = "tiny"\nseeds = 2\n[experiment.grid]\n"sweep.ewc" = [1, 10]\n',
+    )
+    logs = []
+    run_sweep(f, workdir / "dry", dry_run=True, log=logs.append)
+    assert logs[0] == f"sweep {f}: 4 runs, 0 already finished, 4 to run in 1 program(s)"
+    assert logs[1].endswith(
+        ": 4 run(s): nestlearn run tiny --set sweep.ewc=1.0,10.0 --set first_seed=0 --set seeds=2"
+    )
+    assert not (workdir / "dry").exists()
 
 
 def test_sweep_runs_packed_programs_splits_results_and_skips_done_on_relaunch(workdir, capsys):
