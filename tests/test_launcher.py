@@ -240,10 +240,16 @@ def test_bundle_holds_wheel_experiments_and_sweep_file(tmp_path):
     launcher, _, _ = _launcher(tmp_path, SPEC, Job(out="gs://b/s", sweep=str(sweep)))
     from nestlearn.launch import build_bundle
 
+    mine = tmp_path / "my_experiment.py"
+    mine.write_text("CONFIG = None\n")
     archive, wheel = build_bundle(tmp_path / "stage", wheel=launcher.wheel, sweep=str(sweep),
-                                  runner=launcher.runner, repo=REPO)  # fmt: skip
+                                  runner=launcher.runner, repo=REPO, extra=[str(mine)])  # fmt: skip
     with tarfile.open(archive) as tar:
         names = set(tar.getnames())
     assert wheel == "nestlearn-0.1.0-py3-none-any.whl"
-    assert {wheel, "grid.toml", "experiments/permuted_mnist_forgetting.py"} <= names
+    assert {wheel, "grid.toml", "my_experiment.py", "experiments/permuted_mnist_forgetting.py"} <= names
+    # an experiment given as a file runs under its name at the top of the unpacked bundle
+    assert " run my_experiment.py --out gs://b/r " in Job(out="gs://b/r", experiment=str(mine)).command(
+        resume=False
+    )
     assert not any("__pycache__" in n for n in names)

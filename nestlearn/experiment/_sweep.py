@@ -517,7 +517,8 @@ def run_sweep(
             f"{', resuming' if resume else ''})")  # fmt: skip
         start = time.perf_counter()
         try:
-            execute(group, directory, resume, force)
+            # a remote directory goes as its URL (gs://...), the form the run path takes from --out
+            execute(group, directory if _is_local(directory) else str(directory), resume, force)
         except BaseException as e:
             if _preempted(e) or isinstance(e, KeyboardInterrupt):
                 log(f"[sweep] {group.id} interrupted; rerun the sweep to resume it")

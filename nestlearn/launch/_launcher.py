@@ -68,7 +68,9 @@ class Job:
         if self.sweep:
             argv = [*cli, "sweep", Path(self.sweep).name, "--out", self.out]
         else:
-            argv = [*cli, "run", self.experiment, "--out", self.out]
+            # an experiment given as a file is shipped at the bundle's top level (see build_bundle)
+            name = Path(self.experiment).name if self.experiment.endswith(".py") else self.experiment
+            argv = [*cli, "run", name, "--out", self.out]
             argv += [a for s in self.sets for a in ("--set", s)]
             argv += ["--quick"] * self.quick + ["--resume"] * (resume or self.resume)
         # A run left over from a dropped connection is stopped first (SIGTERM: it checkpoints and exits),
@@ -127,7 +129,7 @@ class DryRun(Runner):
 
 
 def build_bundle(
-    stage: Path, *, wheel: str | None, sweep: str, runner: Runner, repo: Path
+    stage: Path, *, wheel: str | None, sweep: str, runner: Runner, repo: Path, extra: Sequence[str] = ()
 ) -> tuple[Path, str]:
     """Builds the archive copied to every worker: the wheel, ``experiments/`` and the sweep file.
 
@@ -135,6 +137,7 @@ def build_bundle(
       stage: a local folder for the build.
       wheel: a wheel to ship; ``None`` builds one from ``repo`` with ``pip wheel --no-deps``.
       sweep: the sweep file ("" for none), shipped at the archive's top level.
+      extra: more files shipped at the top level (an experiment given as a path).
       runner: runs the build (a :class:`DryRun` prints it).
       repo: the nestlearn source tree (``pyproject.toml``, ``experiments/``).
 
@@ -169,8 +172,8 @@ def build_bundle(
         experiments = repo / "experiments"
         if experiments.is_dir():
             tar.add(experiments, arcname="experiments", filter=_no_cache)
-        if sweep:
-            tar.add(sweep, arcname=Path(sweep).name)
+        for file in [sweep, *extra] if sweep else extra:
+            tar.add(file, arcname=Path(file).name)
     return archive, wheel_path.name
 
 
@@ -312,8 +315,10 @@ class Launcher:
         """
         with tempfile.TemporaryDirectory(prefix="nestlearn-tpu-") as tmp:
             stage = self.stage or Path(tmp)
+            experiment = self.job.experiment
+            extra = [experiment] if experiment.endswith(".py") and Path(experiment).is_file() else []
             archive, wheel = build_bundle(stage, wheel=self.wheel, sweep=self.job.sweep, runner=self.runner,
-                                          repo=self.repo)  # fmt: skip
+                                          repo=self.repo, extra=extra)  # fmt: skip
             created = False
             try:
                 state = "" if self.dry else self.state()
