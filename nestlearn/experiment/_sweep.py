@@ -374,7 +374,12 @@ def _load(directory: Any, strategy: str, cache: dict[str, Any]) -> Any:
     from nestlearn.experiment._rundir import load_result
 
     if strategy not in cache:
-        cache[strategy] = load_result(directory / "results" / f"{strategy}.npz")
+        file = directory / "results" / f"{strategy}.npz"
+        if _is_local(file):
+            cache[strategy] = load_result(file)
+        else:  # numpy reads an open file of any filesystem etils.epath knows
+            with file.open("rb") as f:
+                cache[strategy] = load_result(f)
     return cache[strategy]
 
 
@@ -426,11 +431,12 @@ def _rows(
 
 
 def _preempted(e: BaseException) -> bool:
-    import nestlearn._errors as errors
-
-    kind = getattr(errors, "Preempted", None)
-    return (kind is not None and isinstance(e, kind)) or (
-        isinstance(e, SystemExit) and e.code == EXIT_PREEMPTED
+    """Whether the run path stopped for a preemption (checkpoint written): ``SystemExit(4)`` or an
+    exception class of ``nestlearn._errors`` named ``Preempted...``."""
+    if isinstance(e, SystemExit):
+        return e.code == EXIT_PREEMPTED
+    return any(
+        k.__name__.startswith("Preempt") and k.__module__ == "nestlearn._errors" for k in type(e).__mro__
     )
 
 

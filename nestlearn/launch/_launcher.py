@@ -343,6 +343,10 @@ class Launcher:
                     if code == EXIT_CONFIG:
                         self.log("the run stopped with a config error (exit 2); not retried: fix the config")
                         return EXIT_CONFIG
+                    if code == 1 and self.job.sweep:
+                        self.log(f"the sweep finished with failed runs (exit 1); nestlearn status on a copy of "
+                                 f"{self.job.out} names them; rerunning the sweep retries them")  # fmt: skip
+                        return code
                     if code is not None and code != EXIT_PREEMPTED:
                         self.log(f"the run crashed (exit {code}); not retried; its log is above")
                         return code
