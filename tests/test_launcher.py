@@ -234,6 +234,16 @@ def test_cli_dry_run_prints_commands_and_refuses_bad_input(fake_gcloud, tmp_path
     assert f"sweep file {bad}, experiment 1: unknown key(s) ['nme']" in capsys.readouterr().err
 
 
+def test_no_gcloud_on_path_is_one_operating_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no gcloud here
+    launcher, logs, _ = _launcher(tmp_path, SPEC, JOB)
+    assert launcher.launch() == 3
+    assert (
+        logs[-1]
+        == "operating error: gcloud not found on PATH: install the Google Cloud SDK (cloud.google.com/sdk)"
+    )
+
+
 def test_bundle_holds_wheel_experiments_and_sweep_file(tmp_path):
     sweep = tmp_path / "grid.toml"
     sweep.write_text("[[experiment]]\nname = 'permuted_mnist_forgetting'\n")

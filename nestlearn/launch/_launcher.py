@@ -93,19 +93,30 @@ def install_command(wheel: str) -> str:
     )
 
 
+def _missing(argv: Sequence[str]) -> OSError:
+    hint = ": install the Google Cloud SDK (cloud.google.com/sdk)" if argv[0] == "gcloud" else ""
+    return OSError(f"{argv[0]} not found on PATH{hint}")
+
+
 class Runner:
     """Runs commands; :class:`DryRun` prints them instead. Subclass to run elsewhere."""
 
     def call(self, argv: Sequence[str], *, quiet: bool = False) -> tuple[int, str]:
         """Runs ``argv``, returns its exit code and its stdout (stderr passes through unless ``quiet``)."""
-        proc = subprocess.run(
-            list(argv), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if quiet else None, text=True
-        )
+        try:
+            proc = subprocess.run(
+                list(argv), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if quiet else None, text=True
+            )
+        except FileNotFoundError:
+            raise _missing(argv) from None
         return proc.returncode, proc.stdout
 
     def stream(self, argv: Sequence[str], emit: Callable[[str], None]) -> int:
         """Runs ``argv``, passing each line of its output (stdout and stderr) to ``emit`` as it comes."""
-        proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        except FileNotFoundError:
+            raise _missing(argv) from None
         assert proc.stdout is not None
         for line in proc.stdout:
             emit(line.rstrip("\n"))
