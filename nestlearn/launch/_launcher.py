@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -146,7 +147,8 @@ def build_bundle(
 
     Args:
       stage: a local folder for the build.
-      wheel: a wheel to ship; ``None`` builds one from ``repo`` with ``pip wheel --no-deps``.
+      wheel: a wheel to ship; ``None`` builds one from ``repo`` with ``pip wheel --no-deps`` (which
+        fetches the build backend, setuptools, as ``pip install`` does).
       sweep: the sweep file ("" for none), shipped at the archive's top level.
       extra: more files shipped at the top level (an experiment given as a path).
       runner: runs the build (a :class:`DryRun` prints it).
@@ -157,8 +159,16 @@ def build_bundle(
     """
     stage.mkdir(parents=True, exist_ok=True)
     if wheel is None:
-        argv = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                str(stage), str(repo)]  # fmt: skip
+        # built from a copy of the package's files, so the checkout gets no build/ or egg-info litter
+        src = stage / "src"
+        if not isinstance(runner, DryRun):
+            shutil.rmtree(src, ignore_errors=True)
+            shutil.copytree(
+                repo / "nestlearn", src / "nestlearn", ignore=shutil.ignore_patterns("__pycache__")
+            )
+            for name in ("pyproject.toml", "README.md"):
+                shutil.copy2(repo / name, src / name)
+        argv = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(stage), str(src)]
         rc, _ = runner.call(argv)
         if rc != 0:
             raise NestlearnError(f"building the nestlearn wheel failed (exit {rc}): {shlex.join(argv)}")
