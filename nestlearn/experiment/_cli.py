@@ -1,5 +1,6 @@
 """The ``nestlearn`` command line:
-``nestlearn run EXPERIMENT [--set key=value ...] [--out DIR] [--quick] [--resume | --force]``."""
+``nestlearn run EXPERIMENT [--set key=value ...] [--out DIR] [--quick] [--resume | --force]``,
+``nestlearn sweep FILE --out DIR``, ``nestlearn status DIR``, ``nestlearn tpu ...``."""
 
 from __future__ import annotations
 
@@ -90,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
         help="checkpoints kept per part (default 3): what a damaged newest one falls back to",
     )
     sub.add_parser("list", help="list the experiments")
+    from nestlearn.experiment._sweep import add_parsers
+
+    add_parsers(sub)  # sweep, status, tpu
     return parser
 
 
@@ -149,6 +153,10 @@ def _run(args) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns 0, 2 (config, data or run-directory error) or 3 (operating fault)."""
     args = _parser().parse_args(argv)
+    if args.command in ("sweep", "status", "tpu"):
+        from nestlearn.experiment._sweep import command
+
+        return command(args)
     try:
         if args.command == "list":
             for d in experiment_dirs():
