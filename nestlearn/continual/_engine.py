@@ -109,6 +109,7 @@ def steps_for_epochs(epochs: float, n_train: int | TaskStream, batch_size: int) 
 
 NORMS = ("param_norm", "chunk_update_norm")
 STEP_STREAM = 0x5EED  # folded into a run's key to derive per-step keys apart from per-task keys
+AUGMENT_STREAM = 0xA06  # folded into a run's key, then the step: the key of the step's augmentation
 
 
 class RunState(flax.struct.PyTreeNode):
@@ -329,10 +330,14 @@ class Learner:
         ctx = self._context(stream, task, state.step, keys[0], state.model_state)
         strategy, sstate = state.strategy, state.strategy_state
         batch = strategy.train_batch(sstate, Batch(x=x, y=y, task=jnp.full((b,), task)), ctx)
+        # The stream's training augmentation (image streams; identity otherwise) acts on the batch the
+        # step trains on, replayed rows included; strategies store and see the clean examples.
+        aug_key = jax.random.fold_in(jax.random.fold_in(state.key, AUGMENT_STREAM), state.step)
+        seen = batch.replace(x=stream.augment(aug_key, batch.x))
         (_, (task_loss, correct, model_state)), grads = jax.value_and_grad(self._loss, has_aux=True)(
-            state.params, state.model_state, strategy, sstate, batch, ctx.replace(key=keys[1])
+            state.params, state.model_state, strategy, sstate, seen, ctx.replace(key=keys[1])
         )
-        grads = strategy.transform_grads(sstate, state.params, grads, batch, ctx.replace(key=keys[2]))
+        grads = strategy.transform_grads(sstate, state.params, grads, seen, ctx.replace(key=keys[2]))
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         sstate, params = strategy.after_step(sstate, params, grads, batch, ctx.replace(key=keys[3]))
@@ -381,12 +386,12 @@ class Learner:
 
     def _check_stream(self, stream: TaskStream) -> None:
         """A clear error when the model's outputs do not fit the stream's inputs or classes."""
-        x = jax.ShapeDtypeStruct((1, stream.input_dim), jnp.float32)
+        x = jax.ShapeDtypeStruct((1, *stream.input_shape), jnp.float32)
         try:
             out = jax.eval_shape(self.fn.eval, self.fn.abstract_params, self.fn.abstract_rest, x)
         except Exception as e:  # noqa: BLE001 - any failure here means the shapes do not fit
             raise ConfigError(
-                f"the model does not take the stream's inputs of {stream.input_dim} features: "
+                f"the model does not take the stream's inputs of shape {stream.input_shape}: "
                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             ) from None
         if out.ndim != 2 or out.shape[-1] != stream.n_classes:
