@@ -234,7 +234,7 @@ def mini_imagenet_few_shot(
                 FewShotClassification.from_arrays(
                     part.x,
                     part.y,
-                    classes=range(part.n_classes),
+                    classes=np.unique(part.y),
                     n_way=n_way,
                     k_shot=k_shot,
                     k_query=k_query,
