@@ -171,10 +171,21 @@ class TaskStream:
         self, task: Int[Array, ""]
     ) -> tuple[Float[Array, "n_test ..."], Int[Array, " n_test"], Bool[Array, " n_test"]]:
         """All test examples of one task, with the mask of valid (non-padding) rows (never augmented)."""
-        rows = self.test_idx[task]
+        return self.test_examples(task, jnp.arange(self.test_idx.shape[1], dtype=jnp.int32))
+
+    def test_examples(
+        self, task: Int[Array, ""], pos: Int[Array, " b"]
+    ) -> tuple[Float[Array, "b ..."], Int[Array, " b"], Bool[Array, " b"]]:
+        """Test examples ``pos`` of one task (a slice of :meth:`test_set`), with their validity mask.
+
+        Positions at or past ``test_n[task]`` (padding, or past the end) are masked out; positions past
+        the padded width read row 0 of the task.
+        """
+        inside = pos < self.test_idx.shape[1]
+        rows = self.test_idx[task, jnp.where(inside, pos, 0)]
         x = self.inputs(jnp.broadcast_to(task, rows.shape), self.test_x[rows])
         y = self.label_map[task, self.test_y[rows]]
-        valid = jnp.arange(rows.shape[0]) < self.test_n[task]
+        valid = inside & (pos < self.test_n[task])
         return x, y, valid
 
 
