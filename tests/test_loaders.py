@@ -221,6 +221,26 @@ def test_omniglot_nesting_and_mini_imagenet_splits(tmp_path):
     assert mini["train"].class_names == ("n01", "n02") and mini["test"].class_names == ("n03", "n04")
     assert mini["val"].x.shape == (3, 84, 84, 3) and mini["train"].y.tolist() == [0, 0, 0, 1, 1, 1]
 
+    # Ravi & Larochelle's layout: images/ and one csv per split; PNG so pixels compare exactly.
+    csv_root = tmp_path / "mini_csv"
+    imgs = {f"n02{k}.png": rng.integers(0, 256, (84, 84, 3), dtype=np.uint8) for k in range(2)}
+    imgs |= {f"n01{k}.png": rng.integers(0, 256, (84, 84, 3), dtype=np.uint8) for k in range(2)}
+    for name, img in imgs.items():
+        save(csv_root / "images" / name, img)
+    (csv_root / "train.csv").write_text(
+        "filename,label\nn020.png,n02\nn011.png,n01\nn010.png,n01\nn021.png,n02\n"
+    )
+    csv = load_mini_imagenet(csv_root, splits=("train",))["train"]
+    assert csv.class_names == ("n01", "n02") and csv.y.tolist() == [0, 0, 1, 1]
+    np.testing.assert_array_equal(
+        csv.x, np.stack([imgs[f] for f in ("n010.png", "n011.png", "n020.png", "n021.png")])
+    )
+    with pytest.raises(DataError, match="has neither val/ nor val.csv with images/"):
+        load_mini_imagenet(csv_root)
+    (csv_root / "train.csv").write_text("filename,label\nn099.png,n09\n")
+    with pytest.raises(DataError, match="train.csv names n099.png, which is not in"):
+        load_mini_imagenet(csv_root, splits=("train",))
+
 
 def test_tiny_imagenet_train_tree_and_val_annotations(tmp_path):
     rng = np.random.default_rng(5)

@@ -468,23 +468,65 @@ def load_mini_imagenet(
     splits: Sequence[str] = ("train", "val", "test"),
     workers: int = 8,
 ) -> dict[str, LabelledImages]:
-    """mini-ImageNet (Vinyals et al.; the 64/16/20-class split of Ravi & Larochelle) from split folders.
+    """mini-ImageNet (Vinyals et al.; the 64/16/20-class split of Ravi & Larochelle), in either usual layout.
 
-    Reads ``root/<split>/<wnid>/*.jpg`` for each split, resized to ``size`` (84). The splits' classes are
-    disjoint; each split's labels run from 0 in sorted ``wnid`` order.
+    - split folders: ``root/<split>/<wnid>/*.jpg``;
+    - Ravi & Larochelle's csv files: ``root/images/*.jpg`` with ``root/<split>.csv``, a header line then
+      ``<file name>,<wnid>`` per image.
+
+    Images are resized to ``size`` (84) when they differ. The splits' classes are disjoint; each split's
+    labels run from 0 in sorted ``wnid`` order, images in file-name order.
 
     Returns:
       ``{split: LabelledImages}``, uint8 ``[n, size, size, 3]``.
 
     Raises:
-      DataError: a split folder is missing or malformed.
+      DataError: a split is in neither layout, or a csv names a missing image.
     """
     root = Path(root).expanduser()
-    where = "images of Ravi & Larochelle's split csv files, arranged as <split>/<wnid>/*.jpg"
-    return {
-        s: load_image_folder(root / s, size=size, workers=workers, what="mini-ImageNet split", where=where)
-        for s in splits
-    }
+    where = "Ravi & Larochelle's split: <split>/<wnid>/*.jpg folders, or images/ with train.csv, val.csv, test.csv"
+    out = {}
+    for split in splits:
+        if (root / split).is_dir():
+            out[split] = load_image_folder(
+                root / split, size=size, workers=workers, what="mini-ImageNet split", where=where
+            )
+        elif (root / f"{split}.csv").is_file() and (root / "images").is_dir():
+            out[split] = _mini_imagenet_csv(root, split, (size, size), workers)
+        else:
+            raise DataError(
+                f"mini-ImageNet {root} has neither {split}/ nor {split}.csv with images/ ({where})"
+            )
+    return out
+
+
+def _mini_imagenet_csv(root: Path, split: str, size: tuple[int, int], workers: int) -> LabelledImages:
+    lines = (root / f"{split}.csv").read_text().splitlines()
+    pairs = []
+    for i, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split(",")
+        if len(fields) != 2:
+            raise DataError(f"mini-ImageNet {split}.csv line {i} is not '<file name>,<wnid>': {line[:60]!r}")
+        pairs.append((fields[1].strip(), fields[0].strip()))
+    if not pairs:
+        raise DataError(f"mini-ImageNet {root / f'{split}.csv'} lists no images")
+    pairs.sort()
+    names = sorted({w for w, _ in pairs})
+    index = {w: i for i, w in enumerate(names)}
+    files = [root / "images" / f for _, f in pairs]
+    absent = next((f for f in files if not f.is_file()), None)
+    if absent is not None:
+        raise DataError(f"mini-ImageNet {split}.csv names {absent.name}, which is not in {root / 'images'}")
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        arrays = list(pool.map(lambda f: _decode(f, size, "RGB"), files))
+    return LabelledImages(
+        x=_frozen(np.stack(arrays)),
+        y=_frozen(np.asarray([index[w] for w, _ in pairs], np.int32)),
+        class_names=tuple(names),
+        source=f"mini-ImageNet {split}.csv in {root} ({len(names)} classes, {len(files)} images)",
+    )
 
 
 def load_tiny_imagenet(root: str | os.PathLike, *, workers: int = 8) -> ImageData:
