@@ -2,8 +2,8 @@
 
 Files are written once into ``--dir`` (a temporary directory by default) in exactly each format:
 
-- CIFAR-10 binary: ``data_batch_1..5.bin`` (5 x 10,000 records) + ``test_batch.bin`` (10,000), 175.9 MB;
-- CIFAR-100 binary: ``train.bin`` (50,000 records) + ``test.bin`` (10,000), 176.0 MB;
+- CIFAR-10 binary: ``data_batch_1..5.bin`` (5 x 10,000 records) + ``test_batch.bin`` (10,000), 184.4 MB;
+- CIFAR-100 binary: ``train.bin`` (50,000 records) + ``test.bin`` (10,000), 184.4 MB;
 - IDX (Fashion-MNIST/KMNIST layout): 60,000 + 10,000 28x28 images, plain and gzipped;
 - an image folder: ``--folder-images`` PNGs (default 10,000) of 84x84 RGB noise-and-gradient images in 100
   class folders, read at their size (no resize) and, separately, resized to 28x28 grayscale.

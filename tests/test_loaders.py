@@ -94,7 +94,7 @@ def test_cifar10_errors_name_the_file_and_the_layout(cifar10_dir):
     ):
         load_cifar10(parent)
     write_cifar(root / "data_batch_3.bin", random_images(np.random.default_rng(1), 2), [4, 10])
-    with pytest.raises(DataError, match=r"label byte 0 = 10 at record 1 \(allowed 0\.\.9"):
+    with pytest.raises(DataError, match=r"label byte 0 = 10 at record 1 \(allowed 0\.\.9\)"):
         load_cifar10(parent)
 
 
@@ -117,7 +117,7 @@ def test_cifar100_binary_fine_and_coarse_labels(tmp_path):
     with pytest.raises(ConfigError, match="label='medium' is unknown"):
         load_cifar100(root, label="medium")
     write_cifar(root / "test.bin", xt, [1, 20], ft)  # coarse label 20 is out of range
-    with pytest.raises(DataError, match=r"test\.bin has label byte 0 = 20 at record 1 \(allowed 0\.\.19"):
+    with pytest.raises(DataError, match=r"test\.bin has label byte 0 = 20 at record 1 \(allowed 0\.\.19\)"):
         load_cifar100(root)
     (root / "train.bin").write_bytes(b"\0" * 3073)  # a CIFAR-10-sized record
     with pytest.raises(DataError, match="not a positive multiple of its 3074-byte records"):

@@ -111,6 +111,7 @@ _CIFAR_SIDE = 32
 _CIFAR_PIXELS = 3 * _CIFAR_SIDE * _CIFAR_SIDE
 _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 _CIFAR10_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+_BLOCK = 4096  # records read at a time
 
 
 def _cifar_dir(path: str | os.PathLike, subdir: str, files: Sequence[str], layout: str) -> Path:
@@ -127,31 +128,49 @@ def _cifar_dir(path: str | os.PathLike, subdir: str, files: Sequence[str], layou
     )
 
 
-def _read_records(file: Path, n_label_bytes: int, n_labels: Sequence[int]) -> tuple[np.ndarray, ...]:
-    """Fixed-size records of label bytes then 3072 CHW pixel bytes; returns labels and NHWC images."""
+def _read_records(
+    files: Sequence[Path], n_label_bytes: int, n_labels: Sequence[int]
+) -> tuple[np.ndarray, ...]:
+    """Fixed-size records of label bytes then 3072 CHW pixel bytes, from ``files`` in order.
+
+    Returns the label columns (int32) and the NHWC images. The files are read in blocks of 4,096
+    records straight into the preallocated outputs, so the peak memory is the output plus one block.
+    """
     record = n_label_bytes + _CIFAR_PIXELS
-    try:
-        raw = np.fromfile(file, dtype=np.uint8)
-    except OSError as e:
-        raise DataError(f"CIFAR file {file} cannot be read: {e.strerror or e}") from None
-    if raw.size == 0 or raw.size % record:
-        raise DataError(
-            f"CIFAR file {file} has {raw.size} bytes, not a positive multiple of its {record}-byte records "
-            f"({n_label_bytes} label byte(s) + {_CIFAR_PIXELS} pixels): truncated or not a CIFAR binary file"
-        )
-    rows = raw.reshape(-1, record)
-    labels = []
-    for i, high in enumerate(n_labels):
-        lab = rows[:, i]
-        if lab.max() >= high:
-            bad = np.flatnonzero(lab >= high)
+    sizes = []
+    for file in files:
+        try:
+            size = file.stat().st_size
+        except OSError as e:
+            raise DataError(f"CIFAR file {file} cannot be read: {e.strerror or e}") from None
+        if size == 0 or size % record:
             raise DataError(
-                f"CIFAR file {file} has label byte {i} = {int(lab[bad[0]])} at record {int(bad[0])} "
-                f"(allowed 0..{high - 1}; {bad.size} records in all): not a CIFAR-{n_labels[-1]} binary file"
+                f"CIFAR file {file} has {size} bytes, not a positive multiple of its {record}-byte records "
+                f"({n_label_bytes} label byte(s) + {_CIFAR_PIXELS} pixels): truncated or not a CIFAR binary file"
             )
-        labels.append(lab.astype(np.int32))
-    chw = rows[:, n_label_bytes:].reshape(-1, 3, _CIFAR_SIDE, _CIFAR_SIDE)
-    return (*labels, np.ascontiguousarray(chw.transpose(0, 2, 3, 1)))
+        sizes.append(size // record)
+    total = sum(sizes)
+    images = np.empty((total, _CIFAR_SIDE, _CIFAR_SIDE, 3), np.uint8)
+    labels = [np.empty((total,), np.int32) for _ in n_labels]
+    start = 0
+    for file, n in zip(files, sizes):
+        with open(file, "rb") as f:
+            for first in range(0, n, _BLOCK):
+                count = min(_BLOCK, n - first)
+                rows = np.fromfile(f, dtype=np.uint8, count=count * record).reshape(count, record)
+                for i, high in enumerate(n_labels):
+                    lab = rows[:, i]
+                    if lab.max() >= high:
+                        bad = np.flatnonzero(lab >= high)
+                        raise DataError(
+                            f"CIFAR file {file} has label byte {i} = {int(lab[bad[0]])} at record "
+                            f"{first + int(bad[0])} (allowed 0..{high - 1}): not a CIFAR-{n_labels[-1]} binary file"
+                        )
+                    labels[i][start + first : start + first + count] = lab
+                chw = rows[:, n_label_bytes:].reshape(count, 3, _CIFAR_SIDE, _CIFAR_SIDE)
+                images[start + first : start + first + count] = chw.transpose(0, 2, 3, 1)
+        start += n
+    return (*labels, images)
 
 
 def _names(file: Path, n: int, fallback: str) -> tuple[str, ...]:
@@ -188,11 +207,11 @@ def load_cifar10(path: str | os.PathLike) -> ImageData:
     path = Path(path).expanduser()
     layout = "cifar-10-batches-bin/{data_batch_1..5.bin, test_batch.bin}"
     directory = _cifar_dir(path, "cifar-10-batches-bin", (*_CIFAR10_FILES, "test_batch.bin"), layout)
-    parts = [_read_records(directory / f, 1, (10,)) for f in _CIFAR10_FILES]
-    test_y, test_x = _read_records(directory / "test_batch.bin", 1, (10,))
+    train_y, train_x = _read_records([directory / f for f in _CIFAR10_FILES], 1, (10,))
+    test_y, test_x = _read_records([directory / "test_batch.bin"], 1, (10,))
     return ImageData(
-        train_x=_frozen(np.concatenate([p[1] for p in parts])),
-        train_y=_frozen(np.concatenate([p[0] for p in parts])),
+        train_x=_frozen(train_x),
+        train_y=_frozen(train_y),
         test_x=_frozen(test_x),
         test_y=_frozen(test_y),
         class_names=_names(directory / "batches.meta.txt", 10, "class_"),
@@ -225,8 +244,8 @@ def load_cifar100(path: str | os.PathLike, *, label: str = "fine") -> ImageData:
     layout = "cifar-100-binary/{train.bin, test.bin}"
     directory = _cifar_dir(path, "cifar-100-binary", ("train.bin", "test.bin"), layout)
     which = 1 if label == "fine" else 0
-    train = _read_records(directory / "train.bin", 2, (20, 100))
-    test = _read_records(directory / "test.bin", 2, (20, 100))
+    train = _read_records([directory / "train.bin"], 2, (20, 100))
+    test = _read_records([directory / "test.bin"], 2, (20, 100))
     n = 100 if label == "fine" else 20
     return ImageData(
         train_x=_frozen(train[2]),
