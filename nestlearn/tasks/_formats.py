@@ -340,6 +340,32 @@ def _decode(file: Path, size: tuple[int, int] | None, mode: str) -> np.ndarray:
     return a[..., None] if a.ndim == 2 else a
 
 
+def _decode_all(
+    files: Sequence[Path], size: tuple[int, int] | None, mode: str, workers: int, what: str
+) -> np.ndarray:
+    """Decodes ``files`` in ``workers`` threads straight into one preallocated uint8 array.
+
+    The first image fixes the shape (``size`` when given); an image of another shape is an error. Peak
+    memory is the output plus one image per thread.
+    """
+    first = _decode(files[0], size, mode)
+    out = np.empty((len(files), *first.shape), np.uint8)
+    out[0] = first
+
+    def put(i: int) -> None:
+        a = _decode(files[i], size, mode)
+        if a.shape != first.shape:
+            raise DataError(
+                f"{what} images differ in size ({files[0].name}: {first.shape[:2]}, {files[i]}: {a.shape[:2]}): "
+                "pass size= to resize them"
+            )
+        out[i] = a
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(put, range(1, len(files))))
+    return out
+
+
 def _class_dirs(root: Path, depth: int) -> list[Path]:
     level = [root]
     for _ in range(depth):
@@ -418,18 +444,9 @@ def load_image_folder(
         paths += imgs
         labels += [label] * len(imgs)
     mode = "L" if grayscale else "RGB"
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        arrays = list(pool.map(lambda f: _decode(f, hw, mode), paths))
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        first = arrays[0].shape
-        odd = next(p for p, a in zip(paths, arrays) if a.shape != first)
-        raise DataError(
-            f"{what} images differ in size ({paths[0].name}: {first[:2]}, {odd}: "
-            f"{next(a.shape for a in arrays if a.shape != first)[:2]}): pass size= to resize them"
-        )
+    x = _decode_all(paths, hw, mode, workers, what)
     return LabelledImages(
-        x=_frozen(np.stack(arrays)),
+        x=_frozen(x),
         y=_frozen(np.asarray(labels, np.int32)),
         class_names=tuple(names),
         source=f"{what} {root} ({len(names)} classes, {len(paths)} images"
@@ -538,10 +555,8 @@ def _mini_imagenet_csv(root: Path, split: str, size: tuple[int, int], workers: i
     absent = next((f for f in files if not f.is_file()), None)
     if absent is not None:
         raise DataError(f"mini-ImageNet {split}.csv names {absent.name}, which is not in {root / 'images'}")
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        arrays = list(pool.map(lambda f: _decode(f, size, "RGB"), files))
     return LabelledImages(
-        x=_frozen(np.stack(arrays)),
+        x=_frozen(_decode_all(files, size, "RGB", workers, "mini-ImageNet")),
         y=_frozen(np.asarray([index[w] for w, _ in pairs], np.int32)),
         class_names=tuple(names),
         source=f"mini-ImageNet {split}.csv in {root} ({len(names)} classes, {len(files)} images)",
@@ -591,12 +606,11 @@ def load_tiny_imagenet(root: str | os.PathLike, *, workers: int = 8) -> ImageDat
     absent = [f for f in files if not f.is_file()]
     if absent or not files:
         raise DataError(f"Tiny-ImageNet val image {absent[0] if absent else '(none listed)'} is missing")
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        val = list(pool.map(lambda f: _decode(f, (64, 64), "RGB"), files))
+    val = _decode_all(files, (64, 64), "RGB", workers, "Tiny-ImageNet val")
     return ImageData(
         train_x=train.x,
         train_y=train.y,
-        test_x=_frozen(np.stack(val)),
+        test_x=_frozen(val),
         test_y=_frozen(np.asarray(labels, np.int32)),
         class_names=train.class_names,
         source=f"Tiny-ImageNet-200 in {root}, train and val (as test)",
