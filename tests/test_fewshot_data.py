@@ -157,15 +157,19 @@ def test_meta_trainer_consumes_image_families():
     apply, params = functional(Flat(16, 3, rngs=nnx.Rngs(0)))
     loss = cross_entropy_loss(apply)
     maml = MAML(loss, optax.sgd(0.1), steps=1)
-    sample = lambda key: train.sample(key, 2)
+    sample = lambda key, family: family.sample(key, 2)  # the family is an argument, not a constant
     fast = {"xla_backend_optimization_level": 0}  # compiles faster on CPU; two iterations need no speed
-    trainer = MetaTrainer(maml, optax.adam(1e-2), sample, n_iters=2, compiler_options=fast)
+    trainer = MetaTrainer(maml, optax.adam(1e-2), sample, n_iters=2, compiler_options=fast, task_data=train)
+    # Two seeds in one program (what train() runs): the family shared, one key per seed.
     key = jax.random.key(3)
-    state, metrics = trainer.run(trainer.init(maml.init(params)), key)
-    assert metrics["loss_post"].shape == (2,) and bool(jnp.all(jnp.isfinite(metrics["loss_post"])))
+    keys = jnp.stack([key, jax.random.key(4)])
+    states = jax.vmap(trainer.init)(jax.tree.map(lambda a: jnp.stack([a, a]), maml.init(params)))
+    states, seeds = trainer.train(states, keys, n_chunks=1, progress=False)
+    assert seeds["loss_post"].shape == (2, 2) and np.isfinite(seeds["loss_post"]).all()
+    np.testing.assert_array_equal(states.step, [2, 2])
     # The first iteration's pre-adaptation loss is the query loss of the initial parameters on the tasks
     # sampled from fold_in(key, 0), computed here independently.
-    tasks = sample(jax.random.fold_in(key, 0))
+    tasks = sample(jax.random.fold_in(key, 0), train)
     direct = jax.jit(jax.vmap(loss, in_axes=(None, 0, 0)))(params, tasks.query_x, tasks.query_y).mean()
-    np.testing.assert_allclose(metrics["loss_pre"][0], direct, rtol=1e-5)
-    assert int(state.step) == 2
+    np.testing.assert_allclose(seeds["loss_pre"][0, 0], direct, rtol=1e-5)
+    assert seeds["loss_pre"][1, 0] != seeds["loss_pre"][0, 0]  # the other seed drew other tasks
