@@ -6,6 +6,12 @@ n_tasks)`` is pure JAX with static shapes, so the meta-trainers of :mod:`nestlea
 one compiled ``lax.scan`` and ``vmap`` over seeds. :func:`omniglot_few_shot` and
 :func:`mini_imagenet_few_shot` are the two standard image benchmarks (Vinyals et al. 2016; Finn et al.
 2017) built on it.
+
+Hand a large family to the meta-trainer as data, so that its images are an argument of the compiled
+program rather than a constant baked into it::
+
+    trainer = MetaTrainer(maml, optax.adam(1e-3), lambda key, fam: fam.sample(key, 32), 1000,
+                          task_data=meta_train)
 """
 
 from __future__ import annotations
