@@ -15,7 +15,7 @@ from nestlearn.engine import Checkpoints, Engine, Guard, norms, run_chunks
 from nestlearn.meta._base import MetaLearner, MetaParams
 from nestlearn.tasks._meta import TaskBatch
 
-SampleTasks = Callable[[PRNGKeyArray], TaskBatch]
+SampleTasks = Callable[..., TaskBatch]  # sample_tasks(key), or sample_tasks(key, task_data)
 
 
 class MetaTrainState(flax.struct.PyTreeNode):
@@ -50,8 +50,13 @@ class MetaTrainer:
     Args:
       learner: a :class:`MetaLearner`.
       outer_opt: the outer (meta) optimizer, e.g. ``optax.adam(1e-3)``.
-      sample_tasks: ``sample_tasks(key) -> TaskBatch``, jittable (a task family's sampler).
+      sample_tasks: ``sample_tasks(key) -> TaskBatch``, jittable (a task family's sampler), or, with
+        ``task_data``, ``sample_tasks(key, task_data)``.
       n_iters: meta-iterations per chunk.
+      task_data: keyword-only; a pytree (e.g. a :class:`~nestlearn.tasks.FewShotClassification` family)
+        handed to ``sample_tasks`` as an argument of the compiled call, shared by every seed. Arrays a
+        sampler closes over are baked into the program as constants instead: harmless for MNIST, but
+        mini-ImageNet's 38,400 uint8 images (813 MB) would make a program of that size and a long compile.
       compiler_options: passed to ``jax.jit`` (e.g. ``{"xla_backend_optimization_level": 0}`` compiles
         several times faster on CPU, for short runs where compilation dominates).
 
@@ -61,6 +66,8 @@ class MetaTrainer:
       >>> state, metrics = trainer.run(state, key)  # metrics["loss_post"]: [1000]   # doctest: +SKIP
       >>> states = jax.vmap(trainer.init)(params_per_seed)                           # doctest: +SKIP
       >>> states, metrics = trainer.run_seeds(states, jax.random.split(key, 5))      # doctest: +SKIP
+      >>> trainer = MetaTrainer(maml, optax.adam(1e-3), lambda k, fam: fam.sample(k, 4), 1000,
+      ...                       task_data=meta_train)  # images as an argument   # doctest: +SKIP
     """
 
     def __init__(
@@ -72,6 +79,7 @@ class MetaTrainer:
         *,
         compiler_options: dict | None = None,
         guard: Guard | None = None,
+        task_data: PyTree | None = None,
     ) -> None:
         if not isinstance(learner, MetaLearner):
             raise TypeError(f"learner must be a MetaLearner, got {type(learner).__name__}")
@@ -81,12 +89,14 @@ class MetaTrainer:
         self.outer_opt = outer_opt
         self.sample_tasks = sample_tasks
         self.n_iters = n_iters
+        self.task_data = task_data
+        self._data = () if task_data is None else (task_data,)  # the engine's extra, shared argument
         # The engine runs the iterations: a guarded step under lax.scan, jit with donation, and a vmapped
         # program for a leading seed axis (the learner shared, one key per seed).
         self.engine = Engine(
             self.step,
             length=n_iters,
-            in_axes=(None, 0),
+            in_axes=(None, 0, *(None for _ in self._data)),
             # Divergence recorded, later metrics NaN; no per-iteration select over the state (the Learner's
             # choice too): it cost 5-10% of a sine meta-iteration.
             guard=guard or Guard(loss="loss_post", freeze=False),
@@ -110,7 +120,7 @@ class MetaTrainer:
         )
 
     def step(
-        self, s: MetaTrainState, learner: MetaLearner, key: PRNGKeyArray
+        self, s: MetaTrainState, learner: MetaLearner, key: PRNGKeyArray, *task_data: PyTree
     ) -> tuple[MetaTrainState, dict[str, Array]]:
         """One meta-iteration (pure; the engine guards it, counts it and records divergence).
 
@@ -118,7 +128,7 @@ class MetaTrainer:
         loss before and after adaptation), ``grad_norm``, ``update_norm`` and ``param_norm`` (global L2
         norms of the meta-gradient, the outer update and the meta-parameters after the update).
         """
-        tasks = self.sample_tasks(jax.random.fold_in(key, s.step))
+        tasks = self.sample_tasks(jax.random.fold_in(key, s.step), *task_data)
         grads, metrics = learner.meta_grad(s.meta_params, tasks)
         updates, opt_state = self.outer_opt.update(grads, s.opt_state, s.meta_params)
         meta_params = optax.apply_updates(s.meta_params, updates)
@@ -136,11 +146,11 @@ class MetaTrainer:
           The new state and per-iteration metrics of :meth:`step`, each of shape ``[n_iters]``; NaN from
           the iteration on which the run diverged (its state then stays at its last finite values).
         """
-        return self.engine.chunk(state, learner, key)
+        return self.engine.chunk(state, learner, key, *self._data)
 
     def run(self, state: MetaTrainState, key: PRNGKeyArray) -> tuple[MetaTrainState, dict[str, Array]]:
         """One compiled chunk of ``n_iters`` meta-iterations; ``state`` is donated."""
-        return self.engine.run(state, self.learner, key, vmapped=False)
+        return self.engine.run(state, self.learner, key, *self._data, vmapped=False)
 
     def run_seeds(
         self, states: MetaTrainState, keys: PRNGKeyArray
@@ -149,7 +159,7 @@ class MetaTrainer:
 
         Metrics come back as ``[seeds, n_iters]``.
         """
-        return self.engine.run(states, self.learner, keys)
+        return self.engine.run(states, self.learner, keys, *self._data)
 
     def train(
         self,
@@ -180,6 +190,7 @@ class MetaTrainer:
             states,
             self.learner,
             keys,
+            *self._data,
             n_chunks=n_chunks,
             steps_per_chunk=self.n_iters,
             checkpoints=checkpoints,
@@ -199,6 +210,7 @@ def meta_train(
     n_iters: int,
     *,
     compiler_options: dict | None = None,
+    task_data: PyTree | None = None,
 ) -> tuple[MetaParams, PyTree, dict[str, Array]]:
     """Meta-train from scratch for ``n_iters`` iterations in one compiled call.
 
@@ -208,6 +220,8 @@ def meta_train(
     Returns:
       ``(meta_params, opt_state, metrics)``, metrics per iteration as in :meth:`MetaTrainer.chunk`.
     """
-    trainer = MetaTrainer(learner, outer_opt, sample_tasks, n_iters, compiler_options=compiler_options)
+    trainer = MetaTrainer(
+        learner, outer_opt, sample_tasks, n_iters, compiler_options=compiler_options, task_data=task_data
+    )
     state, metrics = trainer.run(trainer.init(meta_params), key)
     return state.meta_params, state.opt_state, metrics

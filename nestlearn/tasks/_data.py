@@ -137,7 +137,8 @@ def read_idx(file: str | os.PathLike) -> np.ndarray:
       file: path of the file.
 
     Returns:
-      The array with the file's shape and a native-endian dtype of the file's type.
+      The array with the file's shape and a native-endian dtype of the file's type (read-only for the
+      single-byte types, a view of the bytes read).
 
     Raises:
       DataError: the file is missing or unreadable, is not gzip-valid, has a bad magic number, an
@@ -182,7 +183,8 @@ def read_idx(file: str | os.PathLike) -> np.ndarray:
             f"IDX file {path} is {what}: shape {shape} of {dtype.name} needs {expected} data bytes, got {got}"
         )
     data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
-    return data.astype(dtype.newbyteorder("="))
+    # Single-byte types need no byte swap: the array is then a read-only view of the file's bytes.
+    return data.astype(dtype.newbyteorder("="), copy=False)
 
 
 def _find_idx(directory: Path) -> dict[str, Path]:
