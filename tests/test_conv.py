@@ -74,6 +74,20 @@ def test_conv4_parameter_counts_and_output_shapes():
     assert out(lambda: nn.ResNet18((64, 64, 3), None, rngs=nnx.Rngs(0)), (2, 64, 64, 3)) == (2, 160)
 
 
+def test_anil_default_head_is_the_linear_head():
+    # ANIL's default head is "the last layer" of the parameter pytree: the linear head, not a BatchNorm.
+    from nestlearn.meta._maml import _head_mask
+
+    for make in (
+        lambda: nn.Conv4((28, 28, 1), 5, rngs=nnx.Rngs(0)),
+        lambda: nn.ResNet18((32, 32, 3), 10, rngs=nnx.Rngs(0)),
+    ):
+        params = nnx.state(nnx.eval_shape(make), nnx.Param)
+        paths = [meta.plain_path(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        mask = _head_mask(params, None)
+        assert [p for p, m in zip(paths, mask) if m] == [("head", "bias"), ("head", "kernel")]
+
+
 def test_bad_shapes_get_clear_errors():
     with pytest.raises(ValueError, match=r"input_shape must be \(height, width, channels\)"):
         nn.Conv4((28, 28), 5, rngs=nnx.Rngs(0))
@@ -132,8 +146,8 @@ def test_conv4_forward_and_batchnorm_statistics_match_numpy():
     p = as_np(nnx.state(net, nnx.Param))
     h, means, vars_ = x, [], []
     for i in range(2):  # 7 -> 3 -> 1 (floor pooling)
-        h = np_conv(h, p["convs"][i]["kernel"], p["convs"][i]["bias"], 1, 1)
-        h, m, v = np_bn(h, p["norms"][i])
+        h = np_conv(h, p["body"]["convs"][i]["kernel"], p["body"]["convs"][i]["bias"], 1, 1)
+        h, m, v = np_bn(h, p["body"]["norms"][i])
         means.append(m)
         vars_.append(v)
         h = np_pool(np.maximum(h, 0))
@@ -142,20 +156,20 @@ def test_conv4_forward_and_batchnorm_statistics_match_numpy():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     # The running averages moved by PyTorch's momentum 0.1 (Flax 0.9) toward the batch's (biased) stats.
     for i in range(2):
-        np.testing.assert_allclose(net.norms[i].mean[...], 0.1 * means[i], rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(net.norms[i].var[...], 0.9 + 0.1 * vars_[i], rtol=1e-4)
+        np.testing.assert_allclose(net.body.norms[i].mean[...], 0.1 * means[i], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(net.body.norms[i].var[...], 0.9 + 0.1 * vars_[i], rtol=1e-4)
     # Eval mode uses the running averages and leaves them alone.
     net.eval()
-    before = np.asarray(net.norms[0].mean[...])
-    e = np_conv(x, p["convs"][0]["kernel"], p["convs"][0]["bias"], 1, 1)
-    e = (e - 0.1 * means[0]) / np.sqrt(0.9 + 0.1 * vars_[0] + 1e-5) * p["norms"][0]["scale"]
-    e = np_pool(np.maximum(e + p["norms"][0]["bias"], 0))
-    e = np_conv(e, p["convs"][1]["kernel"], p["convs"][1]["bias"], 1, 1)
-    e = (e - 0.1 * means[1]) / np.sqrt(0.9 + 0.1 * vars_[1] + 1e-5) * p["norms"][1]["scale"]
-    e = np_pool(np.maximum(e + p["norms"][1]["bias"], 0)).reshape(5, -1)
+    before = np.asarray(net.body.norms[0].mean[...])
+    e = np_conv(x, p["body"]["convs"][0]["kernel"], p["body"]["convs"][0]["bias"], 1, 1)
+    e = (e - 0.1 * means[0]) / np.sqrt(0.9 + 0.1 * vars_[0] + 1e-5) * p["body"]["norms"][0]["scale"]
+    e = np_pool(np.maximum(e + p["body"]["norms"][0]["bias"], 0))
+    e = np_conv(e, p["body"]["convs"][1]["kernel"], p["body"]["convs"][1]["bias"], 1, 1)
+    e = (e - 0.1 * means[1]) / np.sqrt(0.9 + 0.1 * vars_[1] + 1e-5) * p["body"]["norms"][1]["scale"]
+    e = np_pool(np.maximum(e + p["body"]["norms"][1]["bias"], 0)).reshape(5, -1)
     got = nnx.jit(lambda m, a: m(a))(net, jnp.asarray(x, jnp.float32))
     np.testing.assert_allclose(got, e @ p["head"]["kernel"] + p["head"]["bias"], rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(net.norms[0].mean[...], before)
+    np.testing.assert_array_equal(net.body.norms[0].mean[...], before)
 
 
 def test_resnet_forward_matches_numpy_with_pytorch_padding():
@@ -164,8 +178,8 @@ def test_resnet_forward_matches_numpy_with_pytorch_padding():
     x = np.asarray(jax.random.normal(jax.random.key(3), (4, 6, 6, 2)), np.float64)
     p = as_np(nnx.state(net, nnx.Param))
     relu = lambda a: np.maximum(a, 0)
-    h = relu(np_bn(np_conv(x, p["stem"]["kernel"], None, 1, 1), p["stem_bn"])[0])
-    b0, b1 = p["blocks"][0], p["blocks"][1]
+    h = relu(np_bn(np_conv(x, p["body"]["stem"]["kernel"], None, 1, 1), p["body"]["stem_bn"])[0])
+    b0, b1 = p["body"]["blocks"][0], p["body"]["blocks"][1]
     out = relu(np_bn(np_conv(h, b0["conv1"]["kernel"], None, 1, 1), b0["bn1"])[0])
     h = relu(np_bn(np_conv(out, b0["conv2"]["kernel"], None, 1, 1), b0["bn2"])[0] + h)  # identity shortcut
     out = relu(np_bn(np_conv(h, b1["conv1"]["kernel"], None, 2, 1), b1["bn1"])[0])  # 6x6 -> 3x3
@@ -309,3 +323,22 @@ def test_conv4_maml_meta_steps_reduce_the_query_loss(batch_norm):
         first = float(metrics["loss_post"]) if first is None else first
     last = float(maml.meta_grad(mp, tasks)[1]["loss_post"])
     assert np.isfinite(last) and last < 0.5 * first, (first, last)
+
+
+def test_im2col_convolutions_equal_lax_in_value_and_gradient():
+    # Same parameters, same function: strided 3x3, 1x1 projections, odd sizes, with and without bias.
+    for make in (
+        lambda impl: nn.ResNet18((7, 7, 3), 4, nf=3, blocks=(1, 1), impl=impl, rngs=nnx.Rngs(0)),
+        lambda impl: nn.Conv4((9, 9, 2), 3, width=3, depth=2, impl=impl, rngs=nnx.Rngs(0)),
+    ):
+        (apply_a, params), (apply_b, params_b) = meta.functional(make("lax")), meta.functional(make("im2col"))
+        assert jax.tree.structure(params) == jax.tree.structure(params_b)
+        x = jax.random.normal(jax.random.key(6), (5, *make("lax").input_shape))
+        y = jnp.array([0, 1, 2, 0, 1], jnp.int32)
+        f = lambda apply: jax.jit(jax.value_and_grad(meta.cross_entropy_loss(apply)))
+        (la, ga), (lb, gb) = f(apply_a)(params, x, y), f(apply_b)(params, x, y)
+        np.testing.assert_allclose(lb, la, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"impl must be one of \('lax', 'im2col'\)"):
+        nn.Conv4((28, 28, 1), 5, impl="fft", rngs=nnx.Rngs(0))

@@ -62,10 +62,53 @@ def _init_kwargs(init: str, fan_in: int, bias: bool) -> dict:
     return {"kernel_init": u, "bias_init": u} if bias else {"kernel_init": u}
 
 
-def _conv(cin: int, cout: int, k: int, stride: int, *, bias: bool, init: str, rngs: nnx.Rngs) -> nnx.Conv:
-    return nnx.Conv(
+IMPLS = ("lax", "im2col")
+
+
+class _Conv(nnx.Conv):
+    """``nnx.Conv`` (same parameters) that can also run as im2col + matmul.
+
+    ``impl="im2col"`` gathers the ``k × k`` shifted (strided) slices of the padded input along the channel
+    axis and multiplies by the kernel reshaped to ``[k·k·cin, cout]``: the same function, built from
+    slices, concatenations and one matmul. Its gradient is matmuls and pads too. Measured reason: XLA's CPU
+    backend runs convolution *gradients* inside a ``while`` loop (``lax.scan``, which every engine chunk
+    and MAML inner loop is) about 7-35x slower than outside one; the im2col form does not have that
+    penalty (benchmarks/backbones.py). ``"lax"`` (``lax.conv_general_dilated``) is the right choice on
+    GPU and TPU.
+    """
+
+    def __init__(self, *args, impl: str = "lax", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.impl = impl
+
+    def __call__(self, x: Float[Array, "n h w cin"]) -> Float[Array, "n h2 w2 cout"]:
+        if self.impl == "lax":
+            return super().__call__(x)
+        (k, _), (s, _) = self.kernel_size, self.strides
+        pad = (k - 1) // 2 if self.padding != "VALID" else 0
+        n, h, w, c = x.shape
+        ho, wo = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
+        if pad:
+            x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        cols = [
+            x[:, i : i + s * (ho - 1) + 1 : s, j : j + s * (wo - 1) + 1 : s, :]
+            for i in range(k)
+            for j in range(k)
+        ]
+        cols = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+        y = cols @ self.kernel[...].reshape(k * k * c, -1)
+        return y if self.bias is None else y + self.bias[...].reshape(1, 1, 1, -1)
+
+
+def _conv(
+    cin: int, cout: int, k: int, stride: int, *, bias: bool, init: str, rngs: nnx.Rngs, impl: str = "lax"
+) -> nnx.Conv:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return _Conv(
         cin,
         cout,
+        impl=impl,
         kernel_size=(k, k),
         strides=(stride, stride),
         padding=_PAD1 if k == 3 else "VALID",
@@ -79,6 +122,31 @@ def _linear(din: int, dout: int, *, init: str, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(din, dout, rngs=rngs, **_init_kwargs(init, din, True))
 
 
+class _Conv4Body(nnx.Module):
+    """Conv-4's blocks; a submodule so that the head's parameters come last in the parameter pytree."""
+
+    def __init__(
+        self, c: int, width: int, depth: int, batch_norm: bool, init: str, rngs: nnx.Rngs, impl: str
+    ) -> None:
+        self.convs = nnx.List(
+            [
+                _conv(c if i == 0 else width, width, 3, 1, bias=True, init=init, rngs=rngs, impl=impl)
+                for i in range(depth)
+            ]
+        )
+        self.norms = nnx.List(
+            [nnx.BatchNorm(width, **_BN, rngs=rngs) for _ in range(depth)] if batch_norm else []
+        )
+
+    def __call__(self, x: Float[Array, "n h w c"]) -> Float[Array, "n h2 w2 width"]:
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if self.norms:
+                x = self.norms[i](x)
+            x = nnx.max_pool(jax.nn.relu(x), (2, 2), strides=(2, 2), padding="VALID")
+        return x
+
+
 class Conv4(nnx.Module):
     """The four-block convolutional network of few-shot learning (Matching Networks, MAML, ProtoNets).
 
@@ -90,6 +158,8 @@ class Conv4(nnx.Module):
 
     MAML's Omniglot network downsamples with stride-2 convolutions instead of max-pooling; this class
     uses max-pooling throughout, as Prototypical Networks and most re-implementations (learn2learn) do.
+    Parameters are ``body`` (``convs``, ``norms``) then ``head``, so :class:`nestlearn.meta.ANIL`'s default
+    head (the last layer) is the linear head.
 
     Args:
       input_shape: ``(height, width, channels)`` of an input image.
@@ -98,6 +168,9 @@ class Conv4(nnx.Module):
       depth: number of blocks (4).
       batch_norm: whether each block normalises (``False``: conv → ReLU → pool).
       init: ``"lecun"`` (Flax's default) or ``"torch"`` (PyTorch's default, U(±1/sqrt(fan_in))).
+      impl: how convolutions run: ``"lax"`` (``lax.conv_general_dilated``, for GPU/TPU) or ``"im2col"``
+        (slices + one matmul: the same function and parameters, several times faster in training loops
+        on XLA's CPU backend, whose convolution gradients are slow inside ``lax.scan``).
       rngs: random streams for the parameters.
 
     Example:
@@ -121,6 +194,7 @@ class Conv4(nnx.Module):
         depth: int = 4,
         batch_norm: bool = True,
         init: str = "lecun",
+        impl: str = "lax",
         rngs: nnx.Rngs,
     ) -> None:
         self.input_shape = _check_shape(input_shape)
@@ -132,15 +206,7 @@ class Conv4(nnx.Module):
         h, w, c = self.input_shape
         if min(h, w) < 2**depth:
             raise ValueError(f"input_shape {self.input_shape} is too small for {depth} 2×2 poolings")
-        self.convs = nnx.List(
-            [
-                _conv(c if i == 0 else width, width, 3, 1, bias=True, init=init, rngs=rngs)
-                for i in range(depth)
-            ]
-        )
-        self.norms = nnx.List(
-            [nnx.BatchNorm(width, **_BN, rngs=rngs) for _ in range(depth)] if batch_norm else []
-        )
+        self.body = _Conv4Body(c, width, depth, batch_norm, init, rngs, impl)
         for _ in range(depth):
             h, w = h // 2, w // 2
         self.embed_dim = h * w * width
@@ -149,12 +215,7 @@ class Conv4(nnx.Module):
     def embed(self, x: Float[Array, "batch ..."]) -> Float[Array, "batch embed"]:
         """The flattened features after the last block (the input of the head)."""
         x, lead = as_images(x, self.input_shape)
-        for i, conv in enumerate(self.convs):
-            x = conv(x)
-            if self.norms:
-                x = self.norms[i](x)
-            x = nnx.max_pool(jax.nn.relu(x), (2, 2), strides=(2, 2), padding="VALID")
-        return x.reshape(*lead, -1)
+        return self.body(x).reshape(*lead, -1)
 
     def __call__(self, x: Float[Array, "batch ..."]) -> Float[Array, "batch out"]:
         z = self.embed(x)
@@ -168,13 +229,15 @@ class BasicBlock(nnx.Module):
     the resolution or the number of channels (He et al.'s option B).
     """
 
-    def __init__(self, cin: int, cout: int, stride: int, *, init: str = "lecun", rngs: nnx.Rngs) -> None:
-        self.conv1 = _conv(cin, cout, 3, stride, bias=False, init=init, rngs=rngs)
+    def __init__(
+        self, cin: int, cout: int, stride: int, *, init: str = "lecun", impl: str = "lax", rngs: nnx.Rngs
+    ) -> None:
+        self.conv1 = _conv(cin, cout, 3, stride, bias=False, init=init, rngs=rngs, impl=impl)
         self.bn1 = nnx.BatchNorm(cout, **_BN, rngs=rngs)
-        self.conv2 = _conv(cout, cout, 3, 1, bias=False, init=init, rngs=rngs)
+        self.conv2 = _conv(cout, cout, 3, 1, bias=False, init=init, rngs=rngs, impl=impl)
         self.bn2 = nnx.BatchNorm(cout, **_BN, rngs=rngs)
         if stride != 1 or cin != cout:
-            self.proj = _conv(cin, cout, 1, stride, bias=False, init=init, rngs=rngs)
+            self.proj = _conv(cin, cout, 1, stride, bias=False, init=init, rngs=rngs, impl=impl)
             self.proj_bn = nnx.BatchNorm(cout, **_BN, rngs=rngs)
         else:
             self.proj = self.proj_bn = None
@@ -186,6 +249,31 @@ class BasicBlock(nnx.Module):
         return jax.nn.relu(out + short)
 
 
+class _ResNetBody(nnx.Module):
+    """The stem and the stages; a submodule so that the head's parameters come last in the pytree."""
+
+    def __init__(
+        self, c: int, nf: int, blocks: tuple[int, ...], init: str, rngs: nnx.Rngs, impl: str
+    ) -> None:
+        self.stem = _conv(c, nf, 3, 1, bias=False, init=init, rngs=rngs, impl=impl)
+        self.stem_bn = nnx.BatchNorm(nf, **_BN, rngs=rngs)
+        layers, cin = [], nf
+        for stage, n in enumerate(blocks):
+            cout = nf * 2**stage
+            for b in range(n):
+                layers.append(
+                    BasicBlock(cin, cout, 2 if (stage > 0 and b == 0) else 1, init=init, impl=impl, rngs=rngs)
+                )
+                cin = cout
+        self.blocks = nnx.List(layers)
+
+    def __call__(self, x: Float[Array, "n h w c"]) -> Float[Array, "n h2 w2 ch"]:
+        x = jax.nn.relu(self.stem_bn(self.stem(x)))
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
 class ResNet18(nnx.Module):
     """The reduced ResNet-18 of continual-learning benchmarks (GEM, A-GEM, ER, DER++, Mammoth).
 
@@ -194,7 +282,8 @@ class ResNet18(nnx.Module):
     average pooling and a linear head. With ``nf=20`` on 32×32×3 images and 100 classes it has 1,109,240
     parameters (GEM's "reduced ResNet-18"); ``nf=64`` is the full-width network of DER++ / Mammoth
     (11.2 M parameters with 10 classes). The global average pool is GEM's ``avg_pool2d(·, 4)`` on 32×32
-    inputs and also accepts other sizes (Tiny-ImageNet's 64×64).
+    inputs and also accepts other sizes (Tiny-ImageNet's 64×64). Parameters are ``body`` (``stem``,
+    ``stem_bn``, ``blocks``) then ``head``, so :class:`nestlearn.meta.ANIL`'s default head is the linear head.
 
     Args:
       input_shape: ``(height, width, channels)`` of an input image.
@@ -202,6 +291,9 @@ class ResNet18(nnx.Module):
       nf: filters of the stem and of the first stage (20 reduced, 64 full).
       blocks: basic blocks per stage (``(2, 2, 2, 2)`` is ResNet-18).
       init: ``"lecun"`` (Flax's default) or ``"torch"`` (PyTorch's default, U(±1/sqrt(fan_in))).
+      impl: how convolutions run: ``"lax"`` (``lax.conv_general_dilated``, for GPU/TPU) or ``"im2col"``
+        (slices + one matmul: the same function and parameters, several times faster in training loops
+        on XLA's CPU backend, whose convolution gradients are slow inside ``lax.scan``).
       rngs: random streams for the parameters.
 
     Example:
@@ -223,6 +315,7 @@ class ResNet18(nnx.Module):
         nf: int = 20,
         blocks: Sequence[int] = (2, 2, 2, 2),
         init: str = "lecun",
+        impl: str = "lax",
         rngs: nnx.Rngs,
     ) -> None:
         self.input_shape = _check_shape(input_shape)
@@ -232,26 +325,14 @@ class ResNet18(nnx.Module):
             raise ValueError(f"nf must be a positive int, got {nf!r}")
         if not blocks or not all(isinstance(b, int) and b > 0 for b in blocks):
             raise ValueError(f"blocks must be positive ints, one per stage, got {blocks!r}")
-        c = self.input_shape[2]
-        self.stem = _conv(c, nf, 3, 1, bias=False, init=init, rngs=rngs)
-        self.stem_bn = nnx.BatchNorm(nf, **_BN, rngs=rngs)
-        layers, cin = [], nf
-        for stage, n in enumerate(blocks):
-            cout = nf * 2**stage
-            for b in range(n):
-                layers.append(BasicBlock(cin, cout, 2 if (stage > 0 and b == 0) else 1, init=init, rngs=rngs))
-                cin = cout
-        self.blocks = nnx.List(layers)
-        self.embed_dim = cin
-        self.head = None if n_classes is None else _linear(cin, n_classes, init=init, rngs=rngs)
+        self.body = _ResNetBody(self.input_shape[2], nf, tuple(blocks), init, rngs, impl)
+        self.embed_dim = nf * 2 ** (len(blocks) - 1)
+        self.head = None if n_classes is None else _linear(self.embed_dim, n_classes, init=init, rngs=rngs)
 
     def embed(self, x: Float[Array, "batch ..."]) -> Float[Array, "batch embed"]:
         """The globally average-pooled features of the last stage (the input of the head)."""
         x, lead = as_images(x, self.input_shape)
-        x = jax.nn.relu(self.stem_bn(self.stem(x)))
-        for block in self.blocks:
-            x = block(x)
-        return jnp.mean(x, axis=(1, 2)).reshape(*lead, -1)
+        return jnp.mean(self.body(x), axis=(1, 2)).reshape(*lead, -1)
 
     def __call__(self, x: Float[Array, "batch ..."]) -> Float[Array, "batch out"]:
         z = self.embed(x)
