@@ -406,8 +406,9 @@ class Learner:
         try:
             out = jax.eval_shape(self.fn.eval, self.fn.abstract_params, self.fn.abstract_rest, x)
         except Exception as e:  # noqa: BLE001 - any failure here means the shapes do not fit
+            what = f"shape {stream.input_shape}" if stream.image_shape else f"{stream.input_dim} features"
             raise ConfigError(
-                f"the model does not take the stream's inputs of shape {stream.input_shape}: "
+                f"the model does not take the stream's inputs of {what}: "
                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             ) from None
         if out.ndim != 2 or out.shape[-1] != stream.n_classes:
