@@ -57,6 +57,7 @@ def handling(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[None]:
         _depth[0] -= 1
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
+        _notice.clear()  # a notice belongs to the run it stopped
 
 
 def notice() -> str | None:

@@ -137,9 +137,17 @@ def _has_checkpoint(out) -> bool:
 
 
 def _run(args) -> Path | None:
-    from nestlearn.engine import distributed
+    from nestlearn.engine import distributed, preemption
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)  # before any device use
+    # From here SIGTERM is a preemption notice: the run stops at its next chunk boundary, checkpointed.
+    with preemption.handling():
+        return _run_in(args)
+
+
+def _run_in(args) -> Path | None:
+    from nestlearn.engine import distributed
+
     name, module = load_experiment(args.experiment)
     out = storage.path(args.out or Path("runs") / (name + ("-quick" if args.quick else "")))
     config = resolve(module, args.sets, quick=args.quick)
