@@ -164,6 +164,30 @@ def _cli(out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def test_the_command_line_exits_4_with_one_line_and_resumes(tmp_path, monkeypatch, capsys, reference):
+    from nestlearn.experiment._cli import EXIT_PREEMPTED, main
+    from nestlearn.experiment._rundir import load_result
+
+    args = [
+        "run",
+        "permuted_mnist_forgetting",
+        *[a for s in TINY for a in ("--set", s)],
+        "--out",
+        str(tmp_path),
+    ]
+    _sigterm_at(monkeypatch, 5)  # inside task 2 of naive, after its second chunk
+    assert main(args) == EXIT_PREEMPTED == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"nestlearn: preempted (SIGTERM) inside task 2/2 of 'naive', after chunk 2/3; checkpoint 2 saved in "
+        f"{tmp_path / 'checkpoints'}; continue with --resume"
+    )
+    monkeypatch.setattr(_preempt, "requested", _real_requested)
+    assert main([*args, "--resume"]) == 0
+    _assert_same({n: load_result(tmp_path / "results" / f"{n}.npz") for n in reference}, reference)
+
+
+@pytest.mark.slow
 def test_sigterm_to_nestlearn_run_exits_4_and_resume_is_identical(tmp_path, reference):
     from nestlearn.experiment._rundir import load_result
 
