@@ -129,6 +129,13 @@ def subprocesses(n: int, rng, root: Path, reference) -> tuple[int, int, int]:
             r = cli(["--resume"], out)
             _, err2 = r.communicate()
             assert r.returncode == 0, err2
+        elif p.returncode == -signal.SIGTERM:
+            # Before the handler existed (Python still importing): nothing was written; start again.
+            assert not out.exists(), f"killed before the handler, yet {out} exists"
+            line = "killed while importing, nothing written; rerun"
+            r = cli([], out)
+            _, err2 = r.communicate()
+            assert r.returncode == 0, err2
         else:
             assert p.returncode == 0, err
         ok = same(from_dir(out, reference), reference)

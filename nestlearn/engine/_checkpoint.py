@@ -23,6 +23,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -261,8 +262,10 @@ class Checkpoints:
         _distributed.barrier(f"nestlearn-checkpoint-{step}-manifest")
 
     def _check_room(self, need: int) -> None:
-        free = _storage.free_bytes(self.directory)
-        if free is not None and free < 1.25 * need + (1 << 20):
+        if _storage.is_uri(self.directory):  # an object store reports no free space; its quota errors do
+            return
+        free = shutil.disk_usage(self.directory if self.directory.exists() else self.directory.parent).free
+        if free < 1.25 * need + (1 << 20):
             raise OperatingError(
                 errno.ENOSPC,
                 f"{os.strerror(errno.ENOSPC)} (a checkpoint needs about {need / 2**20:.1f} MiB, "

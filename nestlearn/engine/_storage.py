@@ -147,13 +147,3 @@ def move(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         src.rename(dst)
     else:
         shutil.move(str(src), str(dst))
-
-
-def free_bytes(p: str | os.PathLike) -> int | None:
-    """Free space on the filesystem holding ``p`` (or its nearest existing parent); ``None`` if unknown."""
-    p = path(p)
-    if is_uri(p):
-        return None
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return shutil.disk_usage(p).free
