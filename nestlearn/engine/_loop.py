@@ -353,7 +353,7 @@ def run_chunks(
             if checkpoints is not None:
                 checkpoints.wait()
             raise Preempted(
-                f"preempted ({_preempt.notice() or 'notice from another process'}) after chunk {c + 1}/"
+                f"preempted ({_preempt.notice() or 'SIGTERM to another process'}) after chunk {c + 1}/"
                 f"{n_chunks}"
                 + (
                     f"; checkpoint {c + 1} saved in {checkpoints.directory}"

@@ -269,7 +269,7 @@ def _log_primary(message: str) -> None:
 
 
 def _notice() -> str:
-    return engine.preemption.notice() or "a notice to another process"
+    return engine.preemption.notice() or "SIGTERM to another process"
 
 
 def log_summary(name: str, result: StreamResult, log: Callable[[str], None]) -> None:
