@@ -1,6 +1,13 @@
 """nestlearn: a JAX platform for models that keep learning after deployment."""
 
-from nestlearn._errors import CheckpointError, ConfigError, DataError, NestlearnError, OperatingError
+from nestlearn._errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    NestlearnError,
+    OperatingError,
+    Preempted,
+)
 from nestlearn.engine._cache import enable_compilation_cache
 
 # JAX's persistent compilation cache, on by default (see nestlearn.engine.enable_compilation_cache).
@@ -13,4 +20,5 @@ __all__ = [
     "DataError",
     "NestlearnError",
     "OperatingError",
+    "Preempted",
 ]

@@ -19,3 +19,15 @@ class CheckpointError(NestlearnError):
 
 class OperatingError(NestlearnError, OSError):
     """The machine refused an operation: a full disk, a read-only or missing directory, a file in the way."""
+
+
+class Preempted(NestlearnError):
+    """The run was told to stop (SIGTERM, a preemption notice) and stopped at a chunk boundary.
+
+    Its checkpoint is saved: ``--resume`` (``resume=True``) continues the run exactly. Attributes:
+    ``step``, the checkpoint saved (``None`` if the run had no checkpoints to save to).
+    """
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step

@@ -184,8 +184,18 @@ def _cli_process(out: Path, *extra: str) -> subprocess.Popen:
 
 
 def _finished_checkpoints(out: Path) -> list[int]:
+    # Finished = Orbax's step directory and its manifest (written just after Orbax's rename): a kill in
+    # between leaves an unfinished checkpoint, which a resume sets aside as damaged.
     ckpt = out / "checkpoints"
-    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+    return (
+        sorted(
+            int(p.name)
+            for p in ckpt.iterdir()
+            if p.name.isdigit() and (p / "nestlearn-manifest.json").exists()
+        )
+        if ckpt.is_dir()
+        else []
+    )
 
 
 def test_sigkill_mid_stream_then_resume_gives_identical_results(tmp_path):

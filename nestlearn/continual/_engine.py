@@ -39,6 +39,7 @@ from nestlearn.engine import (
     run_keys,
     shard_runs,
 )
+from nestlearn.engine._distributed import to_host
 from nestlearn.tasks._stream import TaskStream
 
 
@@ -524,20 +525,31 @@ class Learner:
         task: int,
         *,
         on_chunk: Callable[[int, int, dict], None] | None = None,
+        between_chunks: Callable[[int, RunState, list, list], None] | None = None,
+        partial: tuple[list, list] | None = None,
     ) -> tuple[RunState, TaskOutput]:
         """Trains every run on task ``task``: its start, one compiled chunk per evaluation point, its end.
 
         ``state`` is donated: use the returned state, not the argument, afterwards. ``on_chunk(done,
         total, metrics)`` is called on the host after every chunk (``done`` of ``total`` steps of the task,
-        ``metrics`` the chunk's per-run means), e.g. for progress.
+        ``metrics`` the chunk's per-run means, numpy), e.g. for progress.
+
+        A task can stop and resume between its chunks: ``between_chunks(k, state, curve, spans)`` is
+        called after each chunk ``k`` but the last (``curve``: the evaluations so far, ``spans``: each
+        chunk's metrics), e.g. to checkpoint and stop for a preemption; ``partial=(curve, spans)`` (numpy
+        arrays as they were) continues a task from the state saved there, after ``len(spans)`` chunks,
+        without starting it again, and ends with the same output as an uninterrupted task.
         """
         n_epochs = self._n_epochs(stream)
         task_ = jnp.asarray(task, jnp.int32)
-        state = self._begin(state, stream, task_)
         points = self.config.eval_steps
-        curve, spans = [], []
-        first = 0
+        curve, spans = ([], []) if partial is None else (list(partial[0]), list(partial[1]))
+        if not spans:
+            state = self._begin(state, stream, task_)
+        first = points[len(spans) - 1] if spans else 0
         for i, end in enumerate(points):
+            if i < len(spans):
+                continue
             last = i == len(points) - 1
             state, m = self.engine.run(state, stream, task_, n_epochs, count=end - first)
             if not last:
@@ -545,13 +557,15 @@ class Learner:
             spans.append(m)
             first = end
             if on_chunk is not None:
-                on_chunk(end, self.config.steps_per_task, m)
+                on_chunk(end, self.config.steps_per_task, jax.tree.map(to_host, m))
+            if not last and between_chunks is not None:
+                between_chunks(i, state, curve, spans)
         state, acc_row = self._end(state, stream, task_)
-        stack = lambda k: jnp.stack([m[k] for m in spans], 1)
+        stack = lambda k: _stack([m[k] for m in spans])
         n_runs = acc_row.shape[0]
         return state, TaskOutput(
             acc_row=acc_row,
-            curve=jnp.stack(curve, 1) if curve else jnp.zeros((n_runs, 0, stream.n_tasks), jnp.float32),
+            curve=_stack(curve) if curve else jnp.zeros((n_runs, 0, stream.n_tasks), jnp.float32),
             loss=stack("loss"),
             train_acc=stack("acc"),
             norms={k: stack(k) for k in NORMS},
@@ -606,6 +620,13 @@ class Learner:
         return recorder.result()
 
 
+def _stack(xs: list) -> Array | np.ndarray:
+    """``xs`` stacked on axis 1: on the device, or on the host when some came from a checkpoint."""
+    if all(isinstance(x, jax.Array) and x.is_fully_addressable for x in xs):
+        return jnp.stack(xs, 1)
+    return np.stack([to_host(x) for x in xs], 1)
+
+
 def task_progress(bar: Progress, task: int, n_tasks: int, steps_per_task: int) -> Callable:
     """The ``on_chunk`` callback of :meth:`Learner.run_task` that reports a task's chunks to ``bar``."""
 
@@ -646,26 +667,61 @@ class Recorder:
             "train_acc": np.full((n_seeds, 1 + t * per), np.nan, np.float32),
             "diverged_step": np.full((n_seeds,), -1, np.int64),
             "tasks_done": np.zeros((), np.int64),
+            "chunks_done": np.zeros((), np.int64),  # chunks of task `tasks_done` recorded (mid-task)
             **{f"norm_{k}": np.full((n_seeds, 1 + t * per), np.nan, np.float32) for k in NORMS},
         }
 
     def record_init(self, acc: Float[Array, "seed task"]) -> None:
-        self.arrays["acc_init"][:] = np.asarray(acc)
-        self.arrays["curve_acc"][:, 0] = np.asarray(acc)
+        acc = to_host(acc)
+        self.arrays["acc_init"][:] = acc
+        self.arrays["curve_acc"][:, 0] = acc
 
     def record_task(self, task: int, out: TaskOutput, diverged_step: Int[Array, " seed"]) -> None:
         per = self.config.evals_inside_task + 1
         sl = slice(1 + task * per, 1 + (task + 1) * per)
-        self.arrays["acc_matrix"][:, task] = np.asarray(out.acc_row)
-        self.arrays["curve_acc"][:, sl] = np.concatenate(
-            [np.asarray(out.curve), np.asarray(out.acc_row)[:, None]], 1
-        )
-        self.arrays["train_loss"][:, sl] = np.asarray(out.loss)
-        self.arrays["train_acc"][:, sl] = np.asarray(out.train_acc)
+        acc_row = to_host(out.acc_row)
+        self.arrays["acc_matrix"][:, task] = acc_row
+        self.arrays["curve_acc"][:, sl] = np.concatenate([to_host(out.curve), acc_row[:, None]], 1)
+        self.arrays["train_loss"][:, sl] = to_host(out.loss)
+        self.arrays["train_acc"][:, sl] = to_host(out.train_acc)
         for k in NORMS:
-            self.arrays[f"norm_{k}"][:, sl] = np.asarray(out.norms[k])
-        self.arrays["diverged_step"][:] = np.asarray(diverged_step)
+            self.arrays[f"norm_{k}"][:, sl] = to_host(out.norms[k])
+        self.arrays["diverged_step"][:] = to_host(diverged_step)
         self.arrays["tasks_done"] = np.asarray(task + 1, np.int64)
+        self.arrays["chunks_done"] = np.asarray(0, np.int64)
+
+    def record_chunks(self, task: int, curve: list, spans: list) -> None:
+        """Records a task's outputs so far (:meth:`Learner.run_task`'s ``between_chunks``) in the slots
+        :meth:`record_task` fills, so a checkpoint of :attr:`arrays` can continue the task mid-way."""
+        per = self.config.evals_inside_task + 1
+        at = 1 + task * per
+        for i, row in enumerate(curve):
+            self.arrays["curve_acc"][:, at + i] = to_host(row)
+        for i, m in enumerate(spans):
+            self.arrays["train_loss"][:, at + i] = to_host(m["loss"])
+            self.arrays["train_acc"][:, at + i] = to_host(m["acc"])
+            for k in NORMS:
+                self.arrays[f"norm_{k}"][:, at + i] = to_host(m[k])
+        self.arrays["chunks_done"] = np.asarray(len(spans), np.int64)
+
+    def partial(self, task: int) -> tuple[list, list] | None:
+        """The ``partial`` argument of :meth:`Learner.run_task` that continues ``task`` where
+        :meth:`record_chunks` left it (``None`` when no chunk of it is recorded)."""
+        k = int(self.arrays["chunks_done"])
+        if k == 0:
+            return None
+        at = 1 + task * (self.config.evals_inside_task + 1)
+        a = self.arrays
+        curve = [a["curve_acc"][:, at + i].copy() for i in range(k)]
+        spans = [
+            {
+                "loss": a["train_loss"][:, at + i].copy(),
+                "acc": a["train_acc"][:, at + i].copy(),
+                **{n: a[f"norm_{n}"][:, at + i].copy() for n in NORMS},
+            }
+            for i in range(k)
+        ]
+        return curve, spans
 
     def result(self) -> StreamResult:
         a = self.arrays

@@ -7,6 +7,9 @@ supplies a per-run ``step``; :class:`Engine` compiles chunks of it for every run
 regains control only between chunks.
 """
 
+from nestlearn.engine import _distributed as distributed
+from nestlearn.engine import _preempt as preemption
+from nestlearn.engine import _storage as storage
 from nestlearn.engine._cache import default_cache_dir, enable_compilation_cache
 from nestlearn.engine._checkpoint import Checkpoints
 from nestlearn.engine._loop import Engine, Guard, compile_once, nan_unless, norms, run_chunks
@@ -34,12 +37,14 @@ __all__ = [
     "Progress",
     "check_seeds",
     "compile_once",
+    "distributed",
     "default_cache_dir",
     "enable_compilation_cache",
     "nan_unless",
     "norms",
     "optimizer_values",
     "per_run_values",
+    "preemption",
     "progress_enabled",
     "run_chunks",
     "run_grid",
@@ -48,4 +53,5 @@ __all__ = [
     "run_sharding",
     "shard_runs",
     "stack_values",
+    "storage",
 ]

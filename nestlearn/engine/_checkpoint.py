@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nestlearn._errors import CheckpointError, OperatingError
+from nestlearn.engine import _distributed, _storage
 
 MANIFEST = "nestlearn-manifest.json"
 _CHUNK = 1 << 20
@@ -70,32 +71,38 @@ def _from_storable(restored: Any, like: Any) -> Any:
     return jax.tree.map(one, restored, like)
 
 
-def _digest(path: Path) -> str:
+def _digest(path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         while block := f.read(_CHUNK):
             h.update(block)
     return h.hexdigest()
 
 
-def _files(step_dir: Path) -> dict[str, Path]:
+def _files(step_dir) -> dict[str, Any]:
     return {
-        p.relative_to(step_dir).as_posix(): p
-        for p in sorted(step_dir.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        name: p
+        for name, p in _storage.files(step_dir)
+        if p.name != MANIFEST and not (p.name.startswith(f".{MANIFEST}.") and p.name.endswith(".tmp"))
     }
 
 
-def write_manifest(step_dir: Path) -> None:
-    """Records the SHA-256 and size of every file of a finalised step directory (atomic write)."""
-    files = {name: {"sha256": _digest(p), "bytes": p.stat().st_size} for name, p in _files(step_dir).items()}
-    tmp = step_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"version": 1, "files": files}, indent=0, sort_keys=True))
-    os.replace(tmp, step_dir / MANIFEST)
+def write_manifest(step_dir: str | Path) -> None:
+    """Records the SHA-256 and size of every file of a finalised step directory (atomic write).
+
+    Written through :func:`nestlearn.engine._storage.write`, so by process 0 only in a multi-process run
+    (call it once every process has finished the step).
+    """
+    step_dir = _storage.path(step_dir)
+    if not _distributed.is_primary():
+        return
+    files = {name: {"sha256": _digest(p), "bytes": _storage.size(p)} for name, p in _files(step_dir).items()}
+    _storage.write(step_dir / MANIFEST, json.dumps({"version": 1, "files": files}, indent=0, sort_keys=True))
 
 
-def verify(step_dir: Path) -> str | None:
+def verify(step_dir: str | Path) -> str | None:
     """``None`` if ``step_dir`` matches its manifest, else why not (one phrase)."""
+    step_dir = _storage.path(step_dir)
     try:
         manifest = json.loads((step_dir / MANIFEST).read_text())
         expected = manifest["files"]
@@ -114,8 +121,8 @@ def verify(step_dir: Path) -> str | None:
         return f"unexpected file {extra[0]}"
     for name, meta in expected.items():
         try:
-            if found[name].stat().st_size != meta["bytes"]:
-                return f"{name} has {found[name].stat().st_size} bytes, expected {meta['bytes']}"
+            if _storage.size(found[name]) != meta["bytes"]:
+                return f"{name} has {_storage.size(found[name])} bytes, expected {meta['bytes']}"
             if _digest(found[name]) != meta["sha256"]:
                 return f"checksum mismatch in {name}"
         except OSError as e:
@@ -123,7 +130,7 @@ def verify(step_dir: Path) -> str | None:
     return None
 
 
-def _steps(directory: Path) -> list[int]:
+def _steps(directory) -> list[int]:
     if not directory.is_dir():
         return []
     return sorted((int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
@@ -137,9 +144,25 @@ def select_good(directory: str | Path, *, report: Callable[[str], None] = _warn)
     """Checks the newest checkpoint of ``directory`` and falls back past damaged ones (module docstring).
 
     Returns the newest good step, or ``None`` if the directory holds no checkpoint. Damaged steps newer
-    than it are moved to ``damaged/``; if every step is damaged, raises :class:`CheckpointError`.
+    than it are moved to ``damaged/``; if every step is damaged, raises :class:`CheckpointError`. In a
+    multi-process run process 0 decides and moves, and every process gets its answer.
     """
-    directory = Path(directory)
+    directory = _storage.path(directory)
+    if _distributed.process_count() > 1:
+        answer, error = None, ""
+        if _distributed.is_primary():
+            try:
+                answer = _select_good(directory, report)
+            except CheckpointError as e:
+                error = str(e)
+        code = int(_distributed.broadcast(np.int64(-2 if error else -1 if answer is None else answer)))
+        if code == -2:
+            raise CheckpointError(error or f"no good checkpoint in {directory} (process 0 refused it)")
+        return None if code == -1 else code
+    return _select_good(directory, report)
+
+
+def _select_good(directory, report: Callable[[str], None]) -> int | None:
     steps = _steps(directory)
     damaged: list[tuple[int, str]] = []
     for step in steps:
@@ -162,7 +185,7 @@ def select_good(directory: str | Path, *, report: Callable[[str], None] = _warn)
         while aside.exists():
             aside, n = directory / "damaged" / f"{step}.{n}", n + 1
         aside.parent.mkdir(exist_ok=True)
-        shutil.move(str(directory / str(step)), str(aside))
+        _storage.move(directory / str(step), aside)
         report(
             f"checkpoint {step} in {directory} is damaged ({reason}); moved to {aside}, resuming from "
             f"checkpoint {good}"
@@ -197,7 +220,9 @@ class Checkpoints:
             raise ValueError(f"keep must be a positive int (checkpoints kept), got {keep!r}")
         import orbax.checkpoint as ocp  # here, not at import: orbax takes 0.2 s to import
 
-        self.directory = Path(directory).absolute()
+        self.directory = _storage.path(directory)
+        if not _storage.is_uri(self.directory):
+            self.directory = self.directory.absolute()
         select_good(self.directory, report=report)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -206,9 +231,11 @@ class Checkpoints:
         """The newest checkpoint's step, ``None`` if there is none."""
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, record: dict[str, np.ndarray]) -> None:
-        """Writes checkpoint ``step`` (replacing nothing: steps only grow), then its manifest.
+    def save(self, step: int, state: Any, record: dict[str, np.ndarray], *, replace: bool = False) -> None:
+        """Writes checkpoint ``step``, then its manifest.
 
+        Steps only grow, except with ``replace``: a checkpoint ``step`` already there (a mid-task one
+        saved at a preemption) is deleted first; a kill between the two leaves the one before it.
         A disk without room for it is refused before Orbax writes anything
         (:class:`~nestlearn.OperatingError`, ``ENOSPC``), and so is a write that fails for lack of room.
         """
@@ -216,6 +243,9 @@ class Checkpoints:
 
         need = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves((state, record)))
         self._check_room(need)
+        if replace and step in self.manager.all_steps():
+            self.manager.delete(step)
+            _distributed.barrier(f"nestlearn-checkpoint-{step}-deleted")
         try:
             self.manager.save(
                 step,
@@ -228,9 +258,15 @@ class Checkpoints:
             if "RESOURCE_EXHAUSTED" in str(e) or "No space left" in str(e):
                 raise OperatingError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.directory)) from e
             raise
+        # Every process has written its shards (Orbax's save waits for all); one writes the manifest,
+        # and no process goes on (possibly to read or replace it) until it is there.
+        _distributed.barrier(f"nestlearn-checkpoint-{step}-saved")
         write_manifest(self.directory / str(step))
+        _distributed.barrier(f"nestlearn-checkpoint-{step}-manifest")
 
     def _check_room(self, need: int) -> None:
+        if _storage.is_uri(self.directory):  # an object store reports no free space; its quota errors do
+            return
         free = shutil.disk_usage(self.directory if self.directory.exists() else self.directory.parent).free
         if free < 1.25 * need + (1 << 20):
             raise OperatingError(

@@ -290,6 +290,12 @@ def run_chunks(
     resumes after the newest: the state and the record are restored (into ``state``'s shapes, on ``mesh``)
     and the remaining chunks run, so the results equal an uninterrupted run's.
 
+    Every chunk boundary is also a preemption point: once a notice has arrived
+    (:mod:`nestlearn.engine._preempt`: SIGTERM under the run path's handler, or JAX's multi-host sync
+    point), the chunk's checkpoint is saved and :class:`~nestlearn.Preempted` is raised. With a mesh
+    over several processes' devices the metrics are gathered to every host, and progress is shown by
+    process 0 only.
+
     Args:
       engine: the compiled chunk (built with a static ``length``).
       state: the state of every run before the first chunk (leading run axis).
@@ -309,6 +315,9 @@ def run_chunks(
     """
     import numpy as np
 
+    from nestlearn._errors import Preempted
+    from nestlearn.engine import _preempt
+    from nestlearn.engine._distributed import to_host
     from nestlearn.engine._progress import Progress
 
     full = engine._arguments(state, args, None)
@@ -337,9 +346,22 @@ def run_chunks(
     for c in range(first, n_chunks):
         state, metrics = engine.run(state, *args)
         for i, leaf in enumerate(jax.tree.leaves(metrics)):
-            record[f"m{i}"][c] = np.asarray(leaf)
+            record[f"m{i}"][c] = to_host(leaf)
         if checkpoints is not None:
             checkpoints.save(c + 1, state, record)
+        if c + 1 < n_chunks and _preempt.requested():
+            if checkpoints is not None:
+                checkpoints.wait()
+            raise Preempted(
+                f"preempted ({_preempt.notice() or 'SIGTERM to another process'}) after chunk {c + 1}/"
+                f"{n_chunks}"
+                + (
+                    f"; checkpoint {c + 1} saved in {checkpoints.directory}"
+                    if checkpoints is not None
+                    else "; no checkpoints were configured, so the run cannot resume"
+                ),
+                step=c + 1 if checkpoints is not None else None,
+            )
         metrics = chunk(c)
         if engine.guard.loss in metrics:
             loss = np.asarray(metrics[engine.guard.loss], np.float64)
@@ -352,7 +374,7 @@ def run_chunks(
         if log is not None:
             info = {"chunk": c, "step": (c + 1) * steps_per_chunk}
             info.update({k: np.asarray(metrics[k]).mean(1) for k in ("loss", "acc") if k in metrics})
-            log({**info, "diverged": np.asarray(state.diverged_step) >= 0})
+            log({**info, "diverged": to_host(state.diverged_step) >= 0})
     if checkpoints is not None:
         checkpoints.wait()
     return state, [chunk(c) for c in range(n_chunks)]

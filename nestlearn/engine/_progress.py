@@ -14,7 +14,11 @@ from collections.abc import Callable
 
 
 def progress_enabled(flag: bool | None = None) -> bool:
-    """``flag`` if given, else on unless ``NESTLEARN_PROGRESS=0``."""
+    """``flag`` if given, else on unless ``NESTLEARN_PROGRESS=0``; always off on processes other than 0."""
+    from nestlearn.engine._distributed import is_primary
+
+    if not is_primary():  # one progress line per run, not one per process
+        return False
     if flag is not None:
         return bool(flag)
     return os.environ.get("NESTLEARN_PROGRESS", "1").strip().lower() not in ("0", "false", "no", "off")

@@ -126,6 +126,9 @@ def run_sharding(mesh: Mesh) -> NamedSharding:
 def shard_runs(tree: Any, mesh: Mesh | None) -> Any:
     """Places a pytree with a leading run axis on ``mesh`` (unchanged without a mesh).
 
+    A mesh that spans several processes' devices (a multi-host run) gets global arrays, each process
+    supplying its own shards from the (identical) host value.
+
     A run count that the mesh's devices do not divide is a :class:`ConfigError`, not an XLA error.
     """
     if mesh is None:
@@ -138,7 +141,13 @@ def shard_runs(tree: Any, mesh: Mesh | None) -> Any:
             f"{n} runs do not divide over the mesh's {size} devices; use a multiple of {size} runs "
             "(or nestlearn.engine.run_mesh(n_runs) for a mesh that fits)"
         )
-    return jax.device_put(tree, run_sharding(mesh))
+    sharding = run_sharding(mesh)
+    if not all(d.process_index == jax.process_index() for d in mesh.devices.flat):
+        # Devices of other processes: each process supplies its own shards (device_put cannot reach them).
+        from nestlearn.engine._distributed import global_array
+
+        return jax.tree.map(lambda x: global_array(x, sharding), tree)
+    return jax.device_put(tree, sharding)
 
 
 def per_run_values(name: str, values: Any, n: int) -> np.ndarray:

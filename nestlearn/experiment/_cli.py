@@ -5,17 +5,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import importlib.util
 import os
-import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from nestlearn._errors import ConfigError, NestlearnError
+from nestlearn._errors import ConfigError, NestlearnError, Preempted
+from nestlearn.engine import _storage as storage
 from nestlearn.experiment._config import ExperimentConfig, override
 
 
@@ -77,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set optim.lr=0.1 (repeatable)",
     )
-    run.add_argument("--out", type=Path, default=None, help="run directory (default: runs/EXPERIMENT)")
+    run.add_argument(
+        "--out", default=None, help="run directory, local or gs://BUCKET/PATH (default: runs/EXPERIMENT)"
+    )
     run.add_argument("--quick", action="store_true", help="a small, fast version of the experiment")
     run.add_argument(
         "--resume", action="store_true", help="continue a run directory from its last good checkpoint"
@@ -90,6 +93,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="K",
         help="checkpoints kept per part (default 3): what a damaged newest one falls back to",
     )
+    hosts = run.add_argument_group("multi-process runs (automatic on a Cloud TPU VM; else all three)")
+    hosts.add_argument(
+        "--coordinator", metavar="HOST:PORT", help="process 0's address ($NESTLEARN_COORDINATOR)"
+    )
+    hosts.add_argument(
+        "--num-processes", type=int, metavar="N", help="processes in all ($NESTLEARN_NUM_PROCESSES)"
+    )
+    hosts.add_argument(
+        "--process-id", type=int, metavar="I", help="this process, 0..N-1 ($NESTLEARN_PROCESS_ID)"
+    )
     sub.add_parser("list", help="list the experiments")
     from nestlearn.experiment._sweep import add_parsers
 
@@ -99,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
 
 EXIT_CONFIG = 2  # the input is wrong: a config value, a data file, a damaged run directory
 EXIT_OPERATING = 3  # the machine refused: a full disk, a read-only or missing directory, a file in the way
+EXIT_PREEMPTED = 4  # stopped by SIGTERM (a preemption notice) at a chunk boundary, checkpoint saved: --resume
 
 _ADVICE = {
     errno.ENOSPC: "free disk space, or write elsewhere with --out",
@@ -121,14 +135,25 @@ def operating_message(e: OSError) -> str:
     return f"{what}: {path} ({advice})" if path else f"{what} ({advice})"
 
 
-def _has_checkpoint(out: Path) -> bool:
+def _has_checkpoint(out) -> bool:
     ckpt = out / "checkpoints"
-    return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.rglob("*") if p.is_dir())
+    return ckpt.is_dir() and any(any(s.isdigit() for s in n.split("/")[:-1]) for n, _ in storage.files(ckpt))
 
 
 def _run(args) -> Path | None:
+    from nestlearn.engine import distributed, preemption
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)  # before any device use
+    # From here SIGTERM is a preemption notice: the run stops at its next chunk boundary, checkpointed.
+    with preemption.handling():
+        return _run_in(args)
+
+
+def _run_in(args) -> Path | None:
+    from nestlearn.engine import distributed
+
     name, module = load_experiment(args.experiment)
-    out = args.out or Path("runs") / (name + ("-quick" if args.quick else ""))
+    out = storage.path(args.out or Path("runs") / (name + ("-quick" if args.quick else "")))
     config = resolve(module, args.sets, quick=args.quick)
     modes = {"quick": args.quick, "resume": args.resume, "force": args.force}
     fresh = not out.exists()
@@ -140,18 +165,22 @@ def _run(args) -> Path | None:
         from nestlearn.experiment._study import run_study
 
         return run_study(module.run, config, out, experiment=name, **modes).path
+    except Preempted:
+        raise
     except (NestlearnError, OSError):
         # A run this call started that failed before its first checkpoint is removed, so that the
         # corrected rerun is not blocked; one with checkpoints stays, for --resume.
         if fresh and out.is_dir() and not _has_checkpoint(out):
-            shutil.rmtree(out, ignore_errors=True)
-        elif fresh and out.is_dir():
+            with contextlib.suppress(OSError):
+                storage.rmtree(out)
+        elif fresh and out.is_dir() and distributed.is_primary():
             print(f"nestlearn: the run so far is kept in {out}; continue it with --resume", file=sys.stderr)
         raise
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the command line; returns 0, 2 (config, data or run-directory error) or 3 (operating fault)."""
+    """Runs the command line; returns 0, 2 (config, data or run-directory error), 3 (operating fault) or 4
+    (preempted: SIGTERM stopped the run at a chunk boundary after a checkpoint; rerun with --resume)."""
     args = _parser().parse_args(argv)
     if args.command in ("sweep", "status", "tpu"):
         from nestlearn.experiment._sweep import command
@@ -175,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                 "replaces it; give one"
             )
         directory = _run(args)
+    except Preempted as e:
+        print(f"nestlearn: {e}; continue with --resume", file=sys.stderr)
+        return EXIT_PREEMPTED
     except OSError as e:
         print(f"nestlearn: operating error: {operating_message(e)}", file=sys.stderr)
         return EXIT_OPERATING

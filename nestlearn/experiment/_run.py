@@ -3,10 +3,18 @@
 The host loop calls the compiled task program once per (strategy, task). After each call it saves an
 Orbax checkpoint holding the run state and the results recorded so far, so a killed run resumes from its
 last finished task and ends with results identical to an uninterrupted one.
+
+Checkpoint ``k`` of a run holds ``k`` finished tasks (counted over the strategies in order). A preemption
+notice (SIGTERM) stops the run at the next evaluation chunk, even inside a task: checkpoint ``k + 1`` then
+holds task ``k + 1`` part-done (the state after the chunk, and the task's evaluations and losses so far),
+and :class:`~nestlearn.Preempted` is raised; ``resume=True`` continues that task from the chunk, and the
+task's end replaces the part-done checkpoint. In a multi-process run every process runs this loop on its
+shards of the runs; process 0 alone writes and logs.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import sys
 import time
@@ -19,7 +27,7 @@ import optax
 from flax import nnx
 
 from nestlearn import continual, engine, nn, tasks
-from nestlearn._errors import ConfigError
+from nestlearn._errors import ConfigError, Preempted
 from nestlearn.continual import Learner, Recorder, StreamResult, TrainConfig
 from nestlearn.continual._engine import task_progress
 from nestlearn.experiment import _rundir
@@ -85,6 +93,26 @@ def build_learner(config: ExperimentConfig, stream: tasks.TaskStream, strategy: 
     return Learner(model, build_optimizer(config), instance, train_config(config, stream))
 
 
+_LEARNERS: collections.OrderedDict = collections.OrderedDict()
+
+
+def _cached_learner(config: ExperimentConfig, stream: tasks.TaskStream, strategy: str) -> Learner:
+    """:func:`build_learner`, kept for the last few (config, strategy) pairs: a run repeated in one
+    process (a resumed run, a notebook's rerun, a preemption drill) reuses its compiled programs."""
+    key = (config, strategy, stream.name, stream.n_tasks, stream.input_dim, stream.n_classes)
+    try:
+        learner = _LEARNERS.pop(key)
+    except (KeyError, TypeError):  # TypeError: a config holding something unhashable is not kept
+        learner = build_learner(config, stream, strategy)
+    try:
+        _LEARNERS[key] = learner
+    except TypeError:
+        return learner
+    while len(_LEARNERS) > 4:
+        _LEARNERS.popitem(last=False)
+    return learner
+
+
 @dataclasses.dataclass(frozen=True)
 class RunOutput:
     """Where a run wrote its outputs, and its results per strategy."""
@@ -97,7 +125,7 @@ class RunOutput:
 
 def run_experiment(
     config: ExperimentConfig,
-    out: Path,
+    out: str | Path,
     *,
     experiment: str = "experiment",
     resume: bool = False,
@@ -112,9 +140,14 @@ def run_experiment(
     Validates the config and loads the data before writing anything. With ``resume`` it continues from
     the last checkpoint of ``out``. ``progress`` shows a progress line with an ETA after every chunk
     (``None``: unless ``NESTLEARN_PROGRESS=0``); a line per finished task is logged either way.
-    ``quick`` marks the run directory as a quick run (see :class:`RunDir`).
+    ``quick`` marks the run directory as a quick run (see :class:`RunDir`). ``out`` may be local or on
+    an object store (``gs://bucket/run``).
+
+    SIGTERM during the run is a preemption notice (:mod:`nestlearn.engine._preempt`): the run stops at
+    the next evaluation chunk with a checkpoint and raises :class:`~nestlearn.Preempted`; ``resume``
+    then continues it bit-identically.
     """
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = log or _log_primary
     config = validate(config)
     stream = build_stream(config)
     seeds = list(range(config.first_seed, config.first_seed + config.seeds))
@@ -131,7 +164,7 @@ def run_experiment(
     n_tasks = stream.n_tasks
     total_units = n_tasks * len(config.strategies)
     results: dict[str, StreamResult] = {}
-    with rundir.checkpoints() as manager:
+    with engine.preemption.handling(), rundir.checkpoints() as manager:
         latest = manager.latest() if resume else None
         start = time.perf_counter()
         units_run = 0
@@ -141,19 +174,26 @@ def run_experiment(
                 results[name] = _rundir.load_result(result_file)
                 log(f"[{name}] already complete, loaded {result_file}")
                 continue
-            learner = build_learner(config, stream, name)
+            learner = _cached_learner(config, stream, name)
             sweep = strategy_and_sweep(config, name)[1]
             runs = engine.run_grid(seeds, sweep)
             hparams = {k: [r[k] for r in runs] for k in sweep}
             mesh = engine.run_mesh(len(runs)) if jax.device_count() > 1 else None
             recorder = Recorder(learner.config, stream, runs)
-            first_task = 0
+            first_task, partial = 0, None
             if latest is not None and latest > si * n_tasks:
                 state, recorder.arrays = _restore(
                     manager, latest, learner, stream, runs, hparams, mesh, recorder
                 )
-                first_task = latest - si * n_tasks
-                log(f"[{name}] resumed after task {first_task}/{n_tasks} from checkpoint {latest}")
+                first_task = int(recorder.arrays["tasks_done"])
+                partial = recorder.partial(first_task)
+                if partial is None:
+                    log(f"[{name}] resumed after task {first_task}/{n_tasks} from checkpoint {latest}")
+                else:
+                    log(
+                        f"[{name}] resumed inside task {first_task + 1}/{n_tasks}, after chunk "
+                        f"{len(partial[1])}/{len(learner.config.eval_steps)}, from checkpoint {latest}"
+                    )
             else:
                 state = learner.init(stream, [r["seed"] for r in runs], mesh, hparams)
                 recorder.record_init(learner.evaluate(state, stream))
@@ -161,11 +201,21 @@ def run_experiment(
             bar = engine.Progress(n_tasks * steps, name, enabled=progress)
             for task in range(first_task, n_tasks):
                 report = task_progress(bar, task, n_tasks, steps)
-                state, task_out = learner.run_task(state, stream, task, on_chunk=report)
+                unit = si * n_tasks + task + 1  # the checkpoint that holds this task
+
+                stop_inside = _stop_inside(manager, recorder, unit, f"task {task + 1}/{n_tasks} of {name!r}")
+                state, task_out = learner.run_task(
+                    state,
+                    stream,
+                    task,
+                    on_chunk=report,
+                    between_chunks=stop_inside,
+                    partial=partial if task == first_task else None,
+                )
                 recorder.record_task(task, task_out, state.diverged_step)
-                manager.save(si * n_tasks + task + 1, state, recorder.arrays)
+                manager.save(unit, state, recorder.arrays, replace=partial is not None and task == first_task)
                 units_run += 1
-                done = si * n_tasks + task + 1
+                done = unit
                 elapsed = time.perf_counter() - start
                 eta = elapsed / units_run * (total_units - done)
                 diverged = int((recorder.arrays["diverged_step"] >= 0).sum())
@@ -175,15 +225,51 @@ def run_experiment(
                     f"elapsed {elapsed:.1f}s · ETA {eta:.1f}s · mean acc "
                     f"{recorder.arrays['acc_matrix'][:, task, : task + 1].mean():.3f}{note}"
                 )
+                if done < total_units and engine.preemption.requested():
+                    raise Preempted(
+                        f"preempted ({_notice()}) after task {task + 1}/{n_tasks} of {name!r}; checkpoint "
+                        f"{done} saved in {manager.directory}",
+                        step=done,
+                    )
             results[name] = recorder.result()
             _rundir.save_result(result_file, results[name])
         manager.wait()
     table_paths = rundir.write_tidy_tables(results)
-    figures = write_figures(rundir.figures, results) if make_figures else []
+    figures = (
+        write_figures(rundir.figures, results) if make_figures and engine.distributed.is_primary() else []
+    )
     rundir.mark_complete(strategies=list(results))
     for name, r in results.items():
         log_summary(name, r, log)
     return RunOutput(directory=out, results=results, tables=table_paths, figures=figures)
+
+
+def _stop_inside(manager, recorder: Recorder, unit: int, where: str) -> Callable:
+    """The ``between_chunks`` of a task: on a preemption notice, checkpoint the task part-done and stop."""
+
+    def stop(k, state, curve, spans) -> None:
+        if engine.preemption.requested():
+            task = int(recorder.arrays["tasks_done"])
+            recorder.record_chunks(task, curve, spans)
+            manager.save(unit, state, recorder.arrays, replace=True)
+            n = len(recorder.config.eval_steps)
+            raise Preempted(
+                f"preempted ({_notice()}) inside {where}, after chunk {k + 1}/{n}; checkpoint {unit} saved "
+                f"in {manager.directory}",
+                step=unit,
+            )
+
+    return stop
+
+
+def _log_primary(message: str) -> None:
+    """Standard error, from process 0 only."""
+    if engine.distributed.is_primary():
+        print(message, file=sys.stderr, flush=True)
+
+
+def _notice() -> str:
+    return engine.preemption.notice() or "SIGTERM to another process"
 
 
 def log_summary(name: str, result: StreamResult, log: Callable[[str], None]) -> None:
@@ -251,23 +337,23 @@ def write_figures(directory: Path, results: dict[str, StreamResult]) -> list[Pat
         for k, (ax, (name, r)) in enumerate(zip(axes[0], shown.items())):
             plot.forgetting_curves(r, ax=ax, legend=k == n - 1)
             ax.set_title(name)
-        paths += plot.save_figure(fig, directory / "forgetting_curves")
+        paths += _rundir.save_figure(fig, directory / "forgetting_curves")
         plt.close(fig)
         fig, ax = plt.subplots(figsize=(3.4, 2.6))
         for name, r in shown.items():
             plot.average_accuracy_curve(r, ax=ax, label=name)
         ax.legend()
-        paths += plot.save_figure(fig, directory / "average_accuracy")
+        paths += _rundir.save_figure(fig, directory / "average_accuracy")
         plt.close(fig)
         for (name, r), title in zip(shown.items(), results):
             fig, ax = plt.subplots(figsize=(3.6, 3.2))
             plot.accuracy_matrix(r.acc_matrix[~r.diverged], ax=ax, task_names=r.task_names, title=name)
-            paths += plot.save_figure(fig, directory / f"accuracy_matrix_{title}")
+            paths += _rundir.save_figure(fig, directory / f"accuracy_matrix_{title}")
             plt.close(fig)
         swept = {name: swept_key(r) for name, r in results.items() if swept_key(r)}
         if swept and results[next(iter(results))].n_tasks >= 2:
             fig, ax = plt.subplots(figsize=(4.5, 3.4))
             plot.stability_plasticity(metrics.tradeoff_points(results, swept=swept), ax=ax)
-            paths += plot.save_figure(fig, directory / "stability_plasticity")
+            paths += _rundir.save_figure(fig, directory / "stability_plasticity")
             plt.close(fig)
     return paths

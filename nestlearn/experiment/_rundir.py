@@ -1,10 +1,15 @@
-"""Run directories: atomic writes, the resolved config, and results as tidy tables."""
+"""Run directories: atomic writes, the resolved config, and results as tidy tables.
+
+Every write goes through one path layer (:mod:`nestlearn.engine._storage`), so a run directory may be
+local or on any store ``etils.epath`` reaches (``gs://bucket/run``); in a multi-process run only
+process 0 writes.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,33 +17,36 @@ import numpy as np
 
 from nestlearn import metrics
 from nestlearn.continual import StreamResult
+from nestlearn.engine import _storage
 
 if TYPE_CHECKING:
     import pandas as pd
 
 
-def atomic_write(path: Path, write: Any, mode: str = "w") -> Path:
-    """Writes ``path`` through a temporary file in the same directory and ``os.replace``.
+def atomic_write(path: str | os.PathLike, write: Any, mode: str = "w") -> Path:
+    """Writes ``path`` atomically where the filesystem allows (:func:`nestlearn.engine._storage.write`).
 
-    ``write`` is a string/bytes, or a callable taking the open file. A reader never sees a half-written
-    file, and a failure leaves any previous version untouched. The file's mode follows the umask, as
-    ``open()``'s does (``tempfile.mkstemp`` alone would make it 0600).
+    ``write`` is a string/bytes, or a callable taking the open file. On a local disk the file goes
+    through a temporary file in the same directory and ``os.replace``: a reader never sees a
+    half-written file, a failure leaves any previous version untouched, and the file's mode follows the
+    umask, as ``open()``'s does. On an object store (``gs://``) the object is written directly, which
+    is atomic there (an object appears only once its upload completes). Only process 0 of a
+    multi-process run writes.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
-    try:
-        with os.fdopen(fd, mode) as f:
-            if callable(write):
-                write(f)
-            else:
-                f.write(write)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return _storage.write(path, write, mode)
+
+
+def _npz(arrays: dict[str, Any]) -> bytes:
+    """``np.savez`` of ``arrays`` in memory (an object store's file may not be seekable)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _load_npz(path: str | os.PathLike) -> Any:
+    """``np.load`` of a local or remote ``.npz``."""
+    path = _storage.path(path)
+    return np.load(path if not _storage.is_uri(path) else io.BytesIO(path.read_bytes()))
 
 
 def write_json(path: Path, data: Any) -> Path:
@@ -61,12 +69,12 @@ def save_result(path: Path, result: StreamResult) -> Path:
         "runs": np.asarray(json.dumps(list(result.runs))),
         **{f"norm/{k}": v for k, v in (result.norms or {}).items()},
     }
-    return atomic_write(path, lambda f: np.savez(f, **arrays), mode="wb")
+    return atomic_write(path, _npz(arrays), mode="wb")
 
 
-def load_result(path: Path) -> StreamResult:
+def load_result(path: str | os.PathLike) -> StreamResult:
     """Reads a result written by :func:`save_result`."""
-    with np.load(path) as z:
+    with _load_npz(path) as z:
         return StreamResult(
             acc_matrix=z["acc_matrix"],
             acc_init=z["acc_init"],
@@ -149,7 +157,8 @@ def tidy_tables(results: dict[str, StreamResult]) -> dict[str, pd.DataFrame]:
 def write_tables(directory: Path, tables: dict[str, pd.DataFrame]) -> list[Path]:
     """Writes each table as CSV (atomically); pandas reads them back with ``pd.read_csv``."""
     return [
-        atomic_write(Path(directory) / f"{name}.csv", df.to_csv(index=False)) for name, df in tables.items()
+        atomic_write(_storage.path(directory) / f"{name}.csv", df.to_csv(index=False))
+        for name, df in tables.items()
     ]
 
 
@@ -187,6 +196,32 @@ def versions() -> dict[str, str]:
     return {"nestlearn": own, "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
 
 
+def _is_primary() -> bool:
+    from nestlearn.engine._distributed import is_primary
+
+    return is_primary()
+
+
+def save_figure(fig: Any, stem: str | os.PathLike, formats: tuple[str, ...] = ("pdf", "png")) -> list[Any]:
+    """:func:`nestlearn.plot.save_figure` through the path layer: local stems go to it unchanged, a
+    remote stem (``gs://...``) is rendered locally into a temporary directory and each file uploaded as
+    one object; only process 0 writes."""
+    import tempfile
+
+    from nestlearn import plot
+
+    stem = _storage.path(stem)
+    if not _is_primary():
+        return [stem.parent / f"{stem.name}.{fmt}" for fmt in formats]
+    if not _storage.is_uri(stem):
+        return plot.save_figure(fig, stem, formats)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for local in plot.save_figure(fig, Path(tmp) / stem.name, formats):
+            out.append(atomic_write(stem.parent / local.name, local.read_bytes(), mode="wb"))
+    return out
+
+
 class RunDir:
     """A run directory, the one layout every run writes, from the CLI or from a study in Python.
 
@@ -219,8 +254,8 @@ class RunDir:
       (True, [0.5, 0.25])
     """
 
-    def __init__(self, path: str | Path, *, log: Any = None) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, *, log: Any = None) -> None:
+        self.path = _storage.path(path)
         self._log = log
 
     @classmethod
@@ -238,7 +273,7 @@ class RunDir:
         """Checks ``path`` against ``resume`` / ``force``, then writes ``config.json`` (a new run).
 
         Args:
-          path: the run directory.
+          path: the run directory, local or a URI (``gs://bucket/run``).
           config: the run's typed frozen dataclass config (stored resolved, checked again on resume).
           experiment: the experiment's name, stored with the config ("study" if None); on resume, a name
             that differs from the stored one is refused (None accepts the stored one).
@@ -293,9 +328,11 @@ class RunDir:
                 raise ConfigError(
                     f"output directory {out} already exists; pass --resume to continue it or --force to replace it"
                 )
-            import shutil
+        from nestlearn.engine._distributed import barrier
 
-            shutil.rmtree(out)
+        barrier("nestlearn-rundir-checked")  # every process has seen the directory as it was
+        if out.exists() and any(out.iterdir()):
+            _storage.rmtree(out)
         rd.write_json(
             "config.json",
             {
@@ -305,6 +342,7 @@ class RunDir:
                 "versions": versions(),
             },
         )
+        barrier("nestlearn-rundir-created")  # process 0 has replaced and written it before anyone goes on
         return rd
 
     # -- what is stored ------------------------------------------------------------------------------
@@ -350,7 +388,7 @@ class RunDir:
         """A progress message (to stderr unless the directory was opened with another ``log``)."""
         if self._log is not None:
             self._log(message)
-        else:
+        elif _is_primary():
             import sys
 
             print(message, file=sys.stderr, flush=True)
@@ -366,15 +404,16 @@ class RunDir:
     def read_table(self, name: str) -> pd.DataFrame:
         import pandas as pd
 
-        return pd.read_csv(self.results / f"{name}.csv")
+        with (self.results / f"{name}.csv").open("r") as f:
+            return pd.read_csv(f)
 
     def write_arrays(self, name: str, arrays: dict[str, Any]) -> Path:
         """Writes ``results/<name>.npz`` (named numpy arrays) atomically."""
         arrays = {k: np.asarray(v) for k, v in arrays.items()}
-        return atomic_write(self.results / f"{name}.npz", lambda f: np.savez(f, **arrays), mode="wb")
+        return atomic_write(self.results / f"{name}.npz", _npz(arrays), mode="wb")
 
     def read_arrays(self, name: str) -> dict[str, np.ndarray]:
-        with np.load(self.results / f"{name}.npz") as z:
+        with _load_npz(self.results / f"{name}.npz") as z:
             return {k: z[k] for k in z.files}
 
     def save_result(self, name: str, result: StreamResult) -> Path:
@@ -388,6 +427,14 @@ class RunDir:
         """Writes :func:`tidy_tables` of stream results (accuracy_matrix, curves, summary) to ``results/``."""
         tables = tidy_tables(results)
         return dict(zip(tables, write_tables(self.results, tables)))
+
+    def save_figure(self, fig: Any, name: str, formats: tuple[str, ...] = ("pdf", "png")) -> list[Any]:
+        """Writes ``figures/<name>.<fmt>`` for each format through the path layer (local or ``gs://``).
+
+        Locally this is :func:`nestlearn.plot.save_figure` (reproducible PDFs, atomic writes); on an
+        object store each format is rendered to memory with the same settings and written as one object.
+        """
+        return save_figure(fig, self.figures / name, formats)
 
     def checkpoints(self, part: str = "", *, keep: int | None = None):
         """An :class:`nestlearn.engine.Checkpoints` under ``checkpoints/`` (``checkpoints/<part>``).

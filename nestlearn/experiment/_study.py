@@ -52,6 +52,8 @@ def run_study(
       experiment: the name stored with the config.
       quick: mark the run as a quick one (paper figures refuse it unless told otherwise).
       resume: continue an unfinished run of the same config (see :meth:`RunDir.create`).
+        A study preempted by SIGTERM (its :func:`nestlearn.engine.run_chunks` loops raise
+        :class:`~nestlearn.Preempted` after a checkpoint) continues this way.
       force: replace an existing directory.
       log: where progress messages go (default: stderr).
 
@@ -77,7 +79,10 @@ def run_study(
     rundir = RunDir.create(
         out, config, experiment=experiment, quick=quick, resume=resume, force=force, log=log
     )
-    run(config, rundir)
+    from nestlearn.engine import _preempt
+
+    with _preempt.handling():  # SIGTERM: the run's loops stop at the next chunk with a checkpoint
+        run(config, rundir)
     if not rundir.complete:
         rundir.mark_complete()
     return rundir
