@@ -59,7 +59,7 @@ def test_job_command_keeps_the_exit_code_and_resumes():
     job = Job(out="gs://b/run", experiment="permuted_mnist_forgetting", sets=("optim.lr=0.1",), quick=True)
     cmd = job.command(resume=True)
     assert cmd.endswith(
-        "nestlearn run permuted_mnist_forgetting --out gs://b/run --set optim.lr=0.1 --quick --resume & "
+        "nestlearn run permuted_mnist_forgetting --out gs://b/run --set optim.lr=0.1 --quick --resume-if-started & "
         'echo $! > job.pid; wait $!; rc=$?; echo "nestlearn-exit $rc"; exit $rc'
     )
     assert 'kill -TERM "$(cat job.pid)"' in cmd  # a run left from a dropped connection is stopped first
@@ -90,7 +90,7 @@ def test_job_command_runs_in_a_shell_stops_a_leftover_run_and_reports_the_exit_c
             leftover.kill()
         reaper.join()
     assert leftover.returncode == -15  # stopped with SIGTERM before the new run started
-    assert proc.stdout.splitlines() == ["args: run x --out gs://b/r --resume", "nestlearn-exit 4"]
+    assert proc.stdout.splitlines() == ["args: run x --out gs://b/r --resume-if-started", "nestlearn-exit 4"]
     assert proc.returncode == 4
     assert (tmp_path / "nestlearn" / "job.pid").read_text().strip() != str(leftover.pid)
 
@@ -158,7 +158,7 @@ def test_preempted_vm_is_recreated_and_the_run_resumed(fake_gcloud, tmp_path):
         ("delete",),
     ])  # fmt: skip
     assert calls()[10][-1].startswith("--command=export PATH")
-    assert "--resume &" in calls()[10][-1] and "--resume" not in calls()[4][-1]
+    assert "--resume-if-started &" in calls()[10][-1] and "--resume" not in calls()[4][-1]
     assert lines == ["worker 0: [naive] task 1/3 done", "worker 0: [naive] task 1/1 done",
                      "worker 1: [naive] task 1/1 done"]  # fmt: skip
     assert any("nl-test is PREEMPTED" in m for m in logs)

@@ -211,3 +211,19 @@ def test_sigterm_to_nestlearn_run_exits_4_and_resume_is_identical(tmp_path, refe
         _, err = resumed.communicate(timeout=300)
         assert resumed.returncode == 0, err
     _assert_same({n: load_result(out / "results" / f"{n}.npz") for n in reference}, reference)
+
+
+def test_resume_if_started_starts_a_run_that_never_began_and_continues_one_that_did(tmp_path):
+    # The TPU launcher relaunches with --resume-if-started: a preemption can come before the run directory
+    # exists (nothing to resume: start it), or after (continue it; a plain start would refuse).
+    from nestlearn.experiment import _cli
+
+    out = tmp_path / "run"
+    parse = lambda *extra: _cli._parser().parse_args(["run", "x", "--out", str(out), *extra])
+    assert not _cli.resume_wanted(parse("--resume-if-started"), out)
+    out.mkdir()
+    assert not _cli.resume_wanted(parse("--resume-if-started"), out)  # created, but nothing started in it
+    (out / "config.json").write_text("{}")
+    assert _cli.resume_wanted(parse("--resume-if-started"), out)
+    assert not _cli.resume_wanted(parse(), out)
+    assert _cli.resume_wanted(parse("--resume"), tmp_path / "elsewhere")  # --resume insists (and errs there)

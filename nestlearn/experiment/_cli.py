@@ -85,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--resume", action="store_true", help="continue a run directory from its last good checkpoint"
     )
+    run.add_argument(
+        "--resume-if-started",
+        action="store_true",
+        help="continue the run in --out if one was started there (its config.json exists), else start it "
+        "(what the TPU launcher's relaunches use)",
+    )
     run.add_argument("--force", action="store_true", help="replace an existing run directory")
     run.add_argument(
         "--keep-checkpoints",
@@ -149,13 +155,18 @@ def _run(args) -> Path | None:
         return _run_in(args)
 
 
+def resume_wanted(args, out) -> bool:
+    """``--resume``, or ``--resume-if-started`` and a run was started in ``out`` (its config.json exists)."""
+    return bool(args.resume or (args.resume_if_started and (out / "config.json").exists()))
+
+
 def _run_in(args) -> Path | None:
     from nestlearn.engine import distributed
 
     name, module = load_experiment(args.experiment)
     out = storage.path(args.out or Path("runs") / (name + ("-quick" if args.quick else "")))
     config = resolve(module, args.sets, quick=args.quick)
-    modes = {"quick": args.quick, "resume": args.resume, "force": args.force}
+    modes = {"quick": args.quick, "resume": resume_wanted(args, out), "force": args.force}
     fresh = not out.exists()
     try:
         if isinstance(config, ExperimentConfig):

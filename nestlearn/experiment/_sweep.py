@@ -431,13 +431,13 @@ def _rows(
 
 
 def _preempted(e: BaseException) -> bool:
-    """Whether the run path stopped for a preemption (checkpoint written): ``SystemExit(4)`` or an
-    exception class of ``nestlearn._errors`` named ``Preempted...``."""
+    """Whether the run path stopped for a preemption (checkpoint written): ``SystemExit(4)`` or
+    :class:`~nestlearn.Preempted`."""
+    from nestlearn._errors import Preempted
+
     if isinstance(e, SystemExit):
         return e.code == EXIT_PREEMPTED
-    return any(
-        k.__name__.startswith("Preempt") and k.__module__ == "nestlearn._errors" for k in type(e).__mro__
-    )
+    return isinstance(e, Preempted)
 
 
 def run_sweep(

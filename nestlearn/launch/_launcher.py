@@ -73,7 +73,10 @@ class Job:
             name = Path(self.experiment).name if self.experiment.endswith(".py") else self.experiment
             argv = [*cli, "run", name, "--out", self.out]
             argv += [a for s in self.sets for a in ("--set", s)]
-            argv += ["--quick"] * self.quick + ["--resume"] * (resume or self.resume)
+            # A relaunch continues the run if the first launch got as far as starting it (a preemption
+            # can come before the run directory exists); --resume given by the user insists on one.
+            again = ["--resume"] if self.resume else ["--resume-if-started"] if resume else []
+            argv += ["--quick"] * self.quick + again
         # A run left over from a dropped connection is stopped first (SIGTERM: it checkpoints and exits),
         # so two processes never write one run directory; the run's pid is kept in job.pid for that.
         stop_old = (
