@@ -24,6 +24,7 @@ from nestlearn.experiment import (
     from_dict,
     load_result,
     override,
+    read_live,
     run_experiment,
     run_study,
 )
@@ -156,6 +157,18 @@ def test_run_directory_holds_config_tables_arrays_and_figures(tmp_path):
     for stem in ("forgetting_curves", "average_accuracy", "accuracy_matrix_naive", "accuracy_matrix_joint"):
         assert f"{stem}.pdf" in names and f"{stem}.png" in names
     assert json.loads((tmp_path / "run" / "status.json").read_text())["complete"] is True
+    # The live log, written as the run went: per strategy a section of lines, one per chunk (3 per task,
+    # at the global steps of the curve), and the accuracy of every run on every task after each task.
+    lines = read_live(tmp_path / "run" / "live.jsonl", arrays=True)
+    assert lines[-1]["kind"] == "end"
+    for name in ("naive", "joint"):
+        mine = [x for x in lines if x.get("section") == name]
+        assert [x["step"] for x in mine if x["kind"] == "chunk"] == [4, 8, 12, 16, 20, 24, 28, 32, 36]
+        evals = [x for x in mine if x["kind"] == "eval"]
+        assert [x["step"] for x in evals] == [0, 12, 24, 36]
+        np.testing.assert_allclose(evals[0]["acc"], out.results[name].acc_init, atol=1e-6)
+        for t in range(3):
+            np.testing.assert_allclose(evals[t + 1]["acc"], out.results[name].acc_matrix[:, t], atol=1e-6)
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path):

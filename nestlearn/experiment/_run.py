@@ -15,6 +15,7 @@ shards of the runs; process 0 alone writes and logs.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import sys
 import time
@@ -32,6 +33,7 @@ from nestlearn.continual import Learner, Recorder, StreamResult, TrainConfig
 from nestlearn.continual._engine import task_progress
 from nestlearn.experiment import _rundir
 from nestlearn.experiment._config import ExperimentConfig, validate
+from nestlearn.experiment._livelog import LiveLog, both
 
 
 def strategy_and_sweep(
@@ -164,7 +166,8 @@ def run_experiment(
     n_tasks = stream.n_tasks
     total_units = n_tasks * len(config.strategies)
     results: dict[str, StreamResult] = {}
-    with engine.preemption.handling(), rundir.checkpoints() as manager:
+    live = _live_log(out)
+    with engine.preemption.handling(), rundir.checkpoints() as manager, contextlib.closing(live):
         latest = manager.latest() if resume else None
         start = time.perf_counter()
         units_run = 0
@@ -198,6 +201,9 @@ def run_experiment(
                 state = learner.init(stream, [r["seed"] for r in runs], mesh, hparams)
                 recorder.record_init(learner.evaluate(state, stream))
             steps = learner.config.steps_per_task
+            live.section(name, runs)
+            if first_task == 0 and partial is None:
+                live.evaluation(step=0, acc=recorder.arrays["acc_init"], task=-1)
             bar = engine.Progress(n_tasks * steps, name, enabled=progress)
             for task in range(first_task, n_tasks):
                 report = task_progress(bar, task, n_tasks, steps)
@@ -208,11 +214,14 @@ def run_experiment(
                     state,
                     stream,
                     task,
-                    on_chunk=report,
+                    on_chunk=both(report, live.task_chunks(task, steps)),
                     between_chunks=stop_inside,
                     partial=partial if task == first_task else None,
                 )
                 recorder.record_task(task, task_out, state.diverged_step)
+                live.evaluation(
+                    step=(task + 1) * steps, acc=recorder.arrays["acc_matrix"][:, task], task=task
+                )
                 manager.save(unit, state, recorder.arrays, replace=partial is not None and task == first_task)
                 units_run += 1
                 done = unit
@@ -270,6 +279,30 @@ def _log_primary(message: str) -> None:
 
 def _notice() -> str:
     return engine.preemption.notice() or "SIGTERM to another process"
+
+
+class _NoLiveLog:
+    """Stands in for :class:`LiveLog` where none is written (other processes, object-store run directories)."""
+
+    def section(self, *args, **kwargs):
+        return self
+
+    def evaluation(self, **kwargs):
+        return None
+
+    def task_chunks(self, *args, **kwargs):
+        return None
+
+    def close(self):
+        return None
+
+
+def _live_log(out) -> LiveLog | _NoLiveLog:
+    """``<out>/live.jsonl`` (and TensorBoard files when tensorboardX is installed), written by process 0 as
+    the run goes; an object store cannot append, so a ``gs://`` run directory has none."""
+    if not engine.distributed.is_primary() or engine.storage.is_uri(out):
+        return _NoLiveLog()
+    return LiveLog(out)
 
 
 def log_summary(name: str, result: StreamResult, log: Callable[[str], None]) -> None:
