@@ -56,6 +56,9 @@ class TrainConfig:
         at the task's end, the others at evenly spaced steps (``round(k * steps_per_task / n)``).
       reset_optimizer: re-initialise the optimizer state (momenta) at the start of every task.
       blowup: a finite training loss above this counts as divergence too (``None``: only NaN and inf).
+      eval_batch_size: evaluate each task's test set in batches of this many examples, one after another
+        (bounds the memory of evaluating a large model on a large test set, e.g. a ResNet on CIFAR's
+        10,000 test images); ``None`` evaluates a task's whole test set in one batch.
     """
 
     steps_per_task: int
@@ -64,13 +67,14 @@ class TrainConfig:
     reset_optimizer: bool = False
     evals_per_task: int | None = None
     blowup: float | None = None
+    eval_batch_size: int | None = None
 
     def __post_init__(self):
         for name in ("steps_per_task", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("eval_every", "evals_per_task"):
+        for name in ("eval_every", "evals_per_task", "eval_batch_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
@@ -109,6 +113,7 @@ def steps_for_epochs(epochs: float, n_train: int | TaskStream, batch_size: int) 
 
 NORMS = ("param_norm", "chunk_update_norm")
 STEP_STREAM = 0x5EED  # folded into a run's key to derive per-step keys apart from per-task keys
+AUGMENT_STREAM = 0xA06  # folded into a run's key, then the step: the key of the step's augmentation
 
 
 class RunState(flax.struct.PyTreeNode):
@@ -270,11 +275,23 @@ class Learner:
     def _evaluate(self, params: Params, model_state: PyTree, stream: TaskStream) -> Float[Array, " task"]:
         """Accuracy on every task's test set (tasks in sequence with ``lax.map`` to bound memory)."""
 
-        def one(task):
-            x, y, valid = stream.test_set(task)
+        n_test = stream.test_idx.shape[1]
+        eb = self.config.eval_batch_size
+        n_batches = 1 if eb is None or eb >= n_test else math.ceil(n_test / eb)
+
+        def hits(task, pos):
+            x, y, valid = stream.test_examples(task, pos)
             logits = jnp.where(stream.class_mask[task], self.fn.eval(params, model_state, x), -jnp.inf)
-            hit = (jnp.argmax(logits, -1) == y) & valid
-            return hit.sum() / jnp.maximum(valid.sum(), 1)
+            return ((jnp.argmax(logits, -1) == y) & valid).sum()
+
+        def one(task):
+            if n_batches == 1:
+                correct = hits(task, jnp.arange(n_test, dtype=jnp.int32))
+            else:  # batches of eb test positions in sequence; the last is padded and masked
+                starts = jnp.arange(n_batches, dtype=jnp.int32) * eb
+                per = lambda s: hits(task, s + jnp.arange(eb, dtype=jnp.int32))
+                correct = jax.lax.map(per, starts).sum()
+            return correct / jnp.maximum(stream.test_n[task], 1)
 
         return jax.lax.map(one, jnp.arange(stream.n_tasks, dtype=jnp.int32)).astype(jnp.float32)
 
@@ -329,10 +346,14 @@ class Learner:
         ctx = self._context(stream, task, state.step, keys[0], state.model_state)
         strategy, sstate = state.strategy, state.strategy_state
         batch = strategy.train_batch(sstate, Batch(x=x, y=y, task=jnp.full((b,), task)), ctx)
+        # The stream's training augmentation (image streams; identity otherwise) acts on the batch the
+        # step trains on, replayed rows included; strategies store and see the clean examples.
+        aug_key = jax.random.fold_in(jax.random.fold_in(state.key, AUGMENT_STREAM), state.step)
+        seen = batch.replace(x=stream.augment(aug_key, batch.x))
         (_, (task_loss, correct, model_state)), grads = jax.value_and_grad(self._loss, has_aux=True)(
-            state.params, state.model_state, strategy, sstate, batch, ctx.replace(key=keys[1])
+            state.params, state.model_state, strategy, sstate, seen, ctx.replace(key=keys[1])
         )
-        grads = strategy.transform_grads(sstate, state.params, grads, batch, ctx.replace(key=keys[2]))
+        grads = strategy.transform_grads(sstate, state.params, grads, seen, ctx.replace(key=keys[2]))
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         sstate, params = strategy.after_step(sstate, params, grads, batch, ctx.replace(key=keys[3]))
@@ -381,12 +402,12 @@ class Learner:
 
     def _check_stream(self, stream: TaskStream) -> None:
         """A clear error when the model's outputs do not fit the stream's inputs or classes."""
-        x = jax.ShapeDtypeStruct((1, stream.input_dim), jnp.float32)
+        x = jax.ShapeDtypeStruct((1, *stream.input_shape), jnp.float32)
         try:
             out = jax.eval_shape(self.fn.eval, self.fn.abstract_params, self.fn.abstract_rest, x)
         except Exception as e:  # noqa: BLE001 - any failure here means the shapes do not fit
             raise ConfigError(
-                f"the model does not take the stream's inputs of {stream.input_dim} features: "
+                f"the model does not take the stream's inputs of shape {stream.input_shape}: "
                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             ) from None
         if out.ndim != 2 or out.shape[-1] != stream.n_classes:

@@ -52,12 +52,16 @@ class ReservoirBuffer:
         return jnp.minimum(self.seen, self.capacity)
 
 
-def reservoir_init(capacity: int, d: int, n_classes: int, *, with_logits: bool = False) -> ReservoirBuffer:
-    """An empty buffer of ``capacity`` examples with ``d`` features (and ``n_classes`` logits if asked)."""
+def reservoir_init(
+    capacity: int, d: int | tuple[int, ...], n_classes: int, *, with_logits: bool = False
+) -> ReservoirBuffer:
+    """An empty buffer of ``capacity`` examples with ``d`` features, or of shape ``d`` (a tuple, e.g. an
+    image's ``(H, W, C)``), and ``n_classes`` logits if asked."""
     if capacity <= 0:
         raise ConfigError(f"buffer capacity must be a positive integer, got {capacity!r}")
+    shape = tuple(d) if isinstance(d, tuple) else (d,)
     return ReservoirBuffer(
-        x=jnp.zeros((capacity, d), jnp.float32),
+        x=jnp.zeros((capacity, *shape), jnp.float32),
         y=jnp.zeros((capacity,), jnp.int32),
         task=jnp.zeros((capacity,), jnp.int32),
         logits=jnp.zeros((capacity, n_classes), jnp.float32) if with_logits else None,
@@ -196,7 +200,7 @@ class Replay(Strategy):
 
     def init(self, params: Params, stream: TaskStream) -> ReservoirBuffer:
         del params
-        return reservoir_init(self.buffer_size, stream.input_dim, stream.n_classes)
+        return reservoir_init(self.buffer_size, stream.input_shape, stream.n_classes)
 
     def _n_replay(self, b: int) -> int:
         return self.replay_batch or b
@@ -296,7 +300,7 @@ class AGEM(Strategy):
         del params
         m = self._per_task(stream.n_tasks) * stream.n_tasks
         return EpisodicMemory(
-            x=jnp.zeros((m, stream.input_dim), jnp.float32),
+            x=jnp.zeros((m, *stream.input_shape), jnp.float32),
             y=jnp.zeros((m,), jnp.int32),
             task=jnp.zeros((m,), jnp.int32),
             valid=jnp.zeros((m,), bool),
@@ -390,7 +394,7 @@ class DERPP(Strategy):
 
     def init(self, params: Params, stream: TaskStream) -> ReservoirBuffer:
         del params
-        return reservoir_init(self.buffer_size, stream.input_dim, stream.n_classes, with_logits=True)
+        return reservoir_init(self.buffer_size, stream.input_shape, stream.n_classes, with_logits=True)
 
     def penalty(self, state: ReservoirBuffer, params: Params, batch: Batch, ctx: Context) -> Float[Array, ""]:
         n = self.replay_batch or batch.y.shape[0]

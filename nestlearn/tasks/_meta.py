@@ -371,17 +371,27 @@ class FewShotClassification(flax.struct.PyTreeNode):
     ``k_shot`` go to the support set, the rest to the query set, so support and query never share an image.
     Sets are class-major: ``support_y[t] = [0]*k_shot + [1]*k_shot + ...``.
 
-    The images live on device as one ``[C, n_per_class, d]`` array (a pytree leaf, so the family can be
-    a jit argument); the shapes and the original class labels are static. Build one with
-    :meth:`from_arrays`, or a meta-train/meta-test pair with :func:`few_shot_mnist` or
-    :func:`few_shot_digits`.
+    The images live on device as one ``[C, n_per_class, ...]`` array (a pytree leaf, so the family can
+    be a jit argument); the shapes and the original class labels are static. Flat examples
+    ``[C, n_per_class, d]`` give tasks of ``[.., d]`` inputs; images ``[C, n_per_class, H, W, ch]`` give
+    NHWC inputs, and uint8 pixels stay uint8 on device, scaled to ``[0, 1]`` (then normalised with
+    ``mean``/``std`` if given) when a task is gathered, inside the compiled program. With
+    ``rotations=4`` (square images) every class comes in four versions turned by 0, 90, 180 and 270
+    degrees, each a class of its own (the Omniglot augmentation of Santoro et al. and MAML): class slot
+    ``s`` is image class ``s % C`` turned ``s // C`` quarter turns counter-clockwise. Build one with
+    :meth:`from_arrays`, :func:`~nestlearn.tasks.few_shot_tasks`, or a meta-train/meta-test pair with
+    :func:`few_shot_mnist`, :func:`few_shot_digits`, :func:`~nestlearn.tasks.omniglot_few_shot` or
+    :func:`~nestlearn.tasks.mini_imagenet_few_shot`.
 
     Attributes:
-      images: ``[C, n_per_class, d]`` float32 images, ``images[c]`` all of class ``classes[c]``.
-      classes: the original label of each class slot.
+      images: ``[C, n_per_class, d]`` float32 or ``[C, n_per_class, H, W, ch]`` uint8/float32 images,
+        ``images[c]`` all of class ``classes[c]``.
+      classes: the original label of each class of ``images``.
       n_way: classes per task (N).
       k_shot: support images per class (K).
       k_query: query images per class.
+      rotations: 1, or 4 for the rotation-augmented classes (static).
+      mean, std: per-channel (images) or per-feature normalisation after scaling; ``None``: none.
 
     Example:
       >>> import jax
@@ -394,11 +404,14 @@ class FewShotClassification(flax.struct.PyTreeNode):
       O. Vinyals et al., "Matching Networks for One Shot Learning", NeurIPS 2016 (the N-way K-shot protocol).
     """
 
-    images: Float[Array, "c n d"]
+    images: Float[Array, "c n ..."]
     classes: tuple[int, ...] = flax.struct.field(pytree_node=False)
     n_way: int = flax.struct.field(pytree_node=False)
     k_shot: int = flax.struct.field(pytree_node=False)
     k_query: int = flax.struct.field(pytree_node=False)
+    rotations: int = flax.struct.field(pytree_node=False, default=1)
+    mean: Float[Array, " c"] | None = None
+    std: Float[Array, " c"] | None = None
 
     @classmethod
     def from_arrays(
@@ -410,57 +423,106 @@ class FewShotClassification(flax.struct.PyTreeNode):
         n_way: int = 5,
         k_shot: int = 1,
         k_query: int = 15,
+        rotations: int = 1,
+        mean: Sequence[float] | float | None = None,
+        std: Sequence[float] | float | None = None,
+        max_per_class: int | None = None,
     ) -> FewShotClassification:
         """Groups host arrays by class, keeping the first ``n_min`` rows of each (in data order).
 
-        ``n_min`` is the smallest count among ``classes``, so every class offers the same number of
-        images and the sampler's shapes are static.
+        ``n_min`` is the smallest count among ``classes`` (at most ``max_per_class``), so every class
+        offers the same number of images and the sampler's shapes are static.
 
         Args:
-          x: ``[n, ...]`` examples (flattened to ``[n, d]``).
+          x: ``[n, d]`` flat examples, ``[n, H, W, ch]`` images or ``[n, H, W]`` one-channel images (kept
+            as images, NHWC); uint8 pixels are kept as uint8, anything else becomes float32.
           y: ``[n]`` integer labels.
-          classes: the labels this family draws from (at least ``n_way`` of them, each present in ``y``).
+          classes: the labels this family draws from (at least ``n_way`` classes, counting rotations,
+            each present in ``y``).
           n_way: classes per task.
           k_shot: support images per class.
           k_query: query images per class.
+          rotations: 1, or 4 to add each class's 90/180/270-degree turns as new classes (square images).
+          mean, std: normalisation after scaling, a scalar or one value per channel (feature if flat).
+          max_per_class: keep at most this many images of each class (``None``: all the smallest has).
 
         Returns:
-          The family, its images on the default device as float32.
+          The family, its images on the default device.
 
         Raises:
           ConfigError: a count is not a positive int, a class is repeated or absent from ``y``, there are
-            fewer than ``n_way`` classes, or a class has fewer than ``k_shot + k_query`` images.
+            fewer than ``n_way`` classes, a class has fewer than ``k_shot + k_query`` images, ``rotations``
+            is not 1 or 4 (or 4 for non-square images), or ``mean``/``std`` do not fit.
         """
         n_way = _check_count("n_way", n_way)
         k_shot = _check_count("k_shot", k_shot)
         k_query = _check_count("k_query", k_query)
         x, y = np.asarray(x), np.asarray(y)
-        if y.ndim != 1 or x.ndim < 2 or x.shape[0] != y.shape[0]:
+        if y.ndim != 1 or x.ndim < 2 or x.ndim > 4 or x.shape[0] != y.shape[0]:
             raise ConfigError(
-                f"x must be [n, ...] and y [n] with the same n, got x {x.shape} and y {y.shape}"
+                f"x must be [n, d], [n, H, W] or [n, H, W, C] and y [n] with the same n, got x {x.shape} "
+                f"and y {y.shape}"
             )
+        if x.ndim == 3:
+            x = x[..., None]
+        if rotations not in (1, 4) or isinstance(rotations, bool):
+            raise ConfigError(f"rotations must be 1 or 4, got {rotations!r}")
+        if rotations == 4 and (x.ndim != 4 or x.shape[1] != x.shape[2]):
+            raise ConfigError(f"rotations=4 needs square images [n, H, H, C], got x {x.shape}")
         classes = tuple(int(c) for c in classes)
         if len(set(classes)) != len(classes):
             raise ConfigError(f"classes must be distinct, got {classes}")
-        if len(classes) < n_way:
-            raise ConfigError(f"n_way={n_way} needs at least {n_way} classes, got {len(classes)}: {classes}")
+        if len(classes) * rotations < n_way:
+            raise ConfigError(
+                f"n_way={n_way} needs at least {n_way} classes, got {len(classes)}"
+                + (f" x {rotations} rotations" if rotations > 1 else "")
+                + f": {classes[:10]}"
+            )
         rows = [np.flatnonzero(y == c) for c in classes]
         missing = [c for c, r in zip(classes, rows) if r.size == 0]
         if missing:
             raise ConfigError(f"classes {missing} have no examples in y")
         n_min = min(r.size for r in rows)
+        if max_per_class is not None:
+            n_min = min(n_min, _check_count("max_per_class", max_per_class))
         if n_min < k_shot + k_query:
             raise ConfigError(
                 f"k_shot + k_query = {k_shot + k_query} exceeds the {n_min} images of the smallest class"
             )
-        flat = x.reshape(x.shape[0], -1)
-        images = np.stack([flat[r[:n_min]] for r in rows]).astype(np.float32)
-        return cls(images=jnp.asarray(images), classes=classes, n_way=n_way, k_shot=k_shot, k_query=k_query)
+        dtype = np.uint8 if x.dtype == np.uint8 else np.float32
+        images = np.stack([x[r[:n_min]] for r in rows]).astype(dtype, copy=False)
+        channels = x.shape[-1]
+
+        def norm(name, v):
+            if v is None:
+                return None
+            v = np.broadcast_to(np.asarray(v, np.float32), (channels,)) if np.ndim(v) == 0 else np.asarray(v)
+            if v.shape != (channels,) or not np.isfinite(v).all() or (name == "std" and (v <= 0).any()):
+                raise ConfigError(f"{name} must be finite (std positive) with {channels} entries, got {v}")
+            return jnp.asarray(v, jnp.float32)
+
+        if (mean is None) != (std is None):
+            raise ConfigError("give mean and std together")
+        return cls(
+            images=jnp.asarray(images),
+            classes=classes,
+            n_way=n_way,
+            k_shot=k_shot,
+            k_query=k_query,
+            rotations=rotations,
+            mean=norm("mean", mean),
+            std=norm("std", std),
+        )
 
     @property
     def n_classes(self) -> int:
-        """Classes the family draws from (C)."""
-        return self.images.shape[0]
+        """Classes the family draws from (image classes times rotations)."""
+        return self.images.shape[0] * self.rotations
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input: ``(d,)`` or ``(H, W, ch)``."""
+        return tuple(self.images.shape[2:])
 
     @property
     def n_per_class(self) -> int:
@@ -489,19 +551,31 @@ class FewShotClassification(flax.struct.PyTreeNode):
     def gather(self, slots: Int[Array, "t n_way"], rows: Int[Array, "t n_way m"]) -> TaskBatch:
         """The :class:`TaskBatch` of the given indices (see :meth:`sample_indices`)."""
         t = slots.shape[0]
-        x = self.images[slots[:, :, None], rows]  # [t, n_way, m, d]
+        n_base = self.images.shape[0]
+        picked = self.images[(slots % n_base)[:, :, None], rows]  # [t, n_way, m, *input_shape]
+        x = picked
+        if self.rotations > 1:  # quarter turns, chosen per class of each task ([t, n_way, m, H, W, ch])
+            turns = (slots // n_base)[:, :, None, None, None, None]
+            for k in range(1, 4):
+                x = jnp.where(turns == k, jnp.rot90(picked, k, axes=(3, 4)), x)
+        x = x.astype(jnp.float32)
+        if self.images.dtype == jnp.uint8:
+            x = x / 255.0
+        if self.mean is not None:
+            at = (1,) * (x.ndim - 1) + (-1,)  # per channel (or feature): the last axis
+            x = (x - self.mean.reshape(at)) / self.std.reshape(at)
         labels = jnp.broadcast_to(jnp.arange(self.n_way, dtype=jnp.int32)[None, :, None], rows.shape)
-        d = x.shape[-1]
+        shape = self.input_shape
         ks = self.k_shot
         return TaskBatch(
-            support_x=x[:, :, :ks].reshape(t, self.n_way * ks, d),
+            support_x=x[:, :, :ks].reshape(t, self.n_way * ks, *shape),
             support_y=labels[:, :, :ks].reshape(t, self.n_way * ks),
-            query_x=x[:, :, ks:].reshape(t, self.n_way * self.k_query, d),
+            query_x=x[:, :, ks:].reshape(t, self.n_way * self.k_query, *shape),
             query_y=labels[:, :, ks:].reshape(t, self.n_way * self.k_query),
         )
 
     def sample(self, key: PRNGKeyArray, n_tasks: int) -> TaskBatch:
-        """``n_tasks`` tasks: support ``[n_tasks, n_way * k_shot, d]``, query ``[n_tasks, n_way * k_query, d]``."""
+        """``n_tasks`` tasks: support ``[n_tasks, n_way * k_shot, *input_shape]``, query ``[n_tasks, n_way * k_query, ...]``."""
         return self.gather(*self.sample_indices(key, n_tasks))
 
 
