@@ -23,6 +23,7 @@ from nestlearn.experiment._config import (
     to_dict,
     validate,
 )
+from nestlearn.experiment._livelog import LiveLog, both, read_live, run_label, tail_live
 from nestlearn.experiment._run import (
     RunOutput,
     build_learner,
@@ -46,6 +47,7 @@ from nestlearn.experiment._study import quick_config, run_study
 __all__ = [
     "DataConfig",
     "ExperimentConfig",
+    "LiveLog",
     "ModelConfig",
     "OptimConfig",
     "REGISTRY",
@@ -54,6 +56,7 @@ __all__ = [
     "SweepConfig",
     "TrainSpec",
     "atomic_write",
+    "both",
     "build_learner",
     "build_stream",
     "from_dict",
@@ -61,11 +64,14 @@ __all__ = [
     "load_result",
     "override",
     "quick_config",
+    "read_live",
     "representative",
     "run_experiment",
+    "run_label",
     "run_study",
     "save_result",
     "swept_key",
+    "tail_live",
     "tidy_tables",
     "to_dict",
     "validate",

@@ -24,7 +24,10 @@ def functional(model: nnx.Module) -> tuple[ApplyFn, Params]:
     The model is split (``nnx.split``) into its graph definition, its ``nnx.Param`` state and the rest
     (batch statistics, RNG counters). ``params`` is the ``nnx.Param`` state, a pytree that ``jax.grad``,
     ``jax.vmap`` and optax take as it is; ``apply`` merges the graph with the given parameters and the
-    rest, which stays fixed (a model's non-parameter state is not adapted by the inner loop).
+    rest, which stays fixed (a model's non-parameter state is not adapted by the inner loop). The model
+    runs in the mode it is in: BatchNorm in train mode (Flax's default) normalises with the statistics of
+    the batch it is given, as MAML does; its running averages are updated on a fresh copy and discarded,
+    so ``apply`` is pure under ``jax.grad``, ``vmap`` and ``scan``.
 
     Args:
       model: any Flax NNX module.
@@ -41,7 +44,7 @@ def functional(model: nnx.Module) -> tuple[ApplyFn, Params]:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def apply(p: Params, x: Array) -> Array:
-        return nnx.merge(graphdef, p, rest)(x)
+        return nnx.merge(graphdef, p, rest, copy=True)(x)  # fresh variables: BatchNorm may write them
 
     return apply, params
 

@@ -31,6 +31,7 @@ from nestlearn.nn._cms import (
     linear_cka,
     next_step_loss,
 )
+from nestlearn.nn._conv import BasicBlock, Conv4, ResNet18, as_images
 from nestlearn.nn._memory_models import (
     deltanet,
     hope,
@@ -57,6 +58,7 @@ from nestlearn.nn._seqtrain import SeqTrainer, SeqTrainState, finite_mean, query
 from nestlearn.nn._ttt import TTTLayer, TTTState, ttt_apply, ttt_chunked, ttt_initial_state, ttt_scan
 
 __all__ = ["MLP", "torch_linear_init"]
+__all__ += ["BasicBlock", "Conv4", "ResNet18", "as_images"]
 __all__ += [
     "CMSMLP",
     "CMSBlock",

@@ -23,6 +23,26 @@ def torch_linear_init(fan_in: int) -> nnx.Initializer:
     return init
 
 
+def flatten_trailing(x: Array, din: int) -> Array:
+    """``x`` with the trailing dimensions whose product is ``din`` merged into one (``x`` itself if its last is).
+
+    ``[batch, 28, 28, 1]`` with ``din = 784`` becomes ``[batch, 784]``; ``[batch, time, din]`` is kept. The
+    leading dimension is never merged (a batch of the wrong width is an error, not one long example).
+    """
+    if x.ndim and x.shape[-1] == din:
+        return x
+    size = 1
+    for k in range(1, x.ndim):
+        size *= x.shape[-k]
+        if size == din:
+            return x.reshape(*x.shape[:-k], din)
+        if size > din:
+            break
+    raise ValueError(
+        f"MLP takes inputs whose trailing dimensions hold {din} values, got shape {tuple(x.shape)}"
+    )
+
+
 class MLP(nnx.Module):
     """Fully connected ReLU network ``din -> hidden... -> dout``.
 
@@ -38,6 +58,8 @@ class MLP(nnx.Module):
       >>> from flax import nnx
       >>> mlp = MLP(784, (256, 256), 10, rngs=nnx.Rngs(0))
       >>> mlp(jnp.zeros((2, 784))).shape
+      (2, 10)
+      >>> mlp(jnp.zeros((2, 28, 28, 1))).shape  # images are flattened
       (2, 10)
     """
 
@@ -56,15 +78,17 @@ class MLP(nnx.Module):
                 layers.append(nnx.Linear(fan_in, fan_out, rngs=rngs))
         self.layers = nnx.List(layers)
 
-    def __call__(self, x: Float[Array, "batch din"]) -> Float[Array, "batch dout"]:
+    def __call__(self, x: Float[Array, "batch ..."]) -> Float[Array, "batch dout"]:
         return self.features(x)[0]
 
     def features(self, x: Float[Array, "batch din"]) -> tuple[Float[Array, "batch dout"], tuple[Array, ...]]:
         """The logits and the activations of every hidden layer (after the ReLU), input to output.
 
         Plasticity measures (dead units, effective rank) and continual backprop's unit utilities read
-        these.
+        these. Inputs whose trailing dimensions hold ``din`` values together (images ``[batch, H, W, C]``
+        with ``din = H*W*C``) are flattened first.
         """
+        x = flatten_trailing(x, self.layers[0].in_features)
         hidden = []
         for layer in self.layers[:-1]:
             x = jax.nn.relu(layer(x))

@@ -1,4 +1,5 @@
-"""Paper figures of continual-learning runs, matplotlib only: curves, the accuracy matrix, atomic saving."""
+"""Paper figures of continual-learning runs, matplotlib only: curves, the accuracy matrix, atomic saving,
+and live figures of a run in progress from its live log."""
 
 from nestlearn.plot._figures import (
     DOUBLE_COLUMN,
@@ -10,6 +11,7 @@ from nestlearn.plot._figures import (
     save_figure,
     style,
 )
+from nestlearn.plot._live import live_curves, live_series, watch_live
 from nestlearn.plot._tradeoff import stability_plasticity
 
 __all__ = [
@@ -19,7 +21,10 @@ __all__ = [
     "accuracy_matrix",
     "average_accuracy_curve",
     "forgetting_curves",
+    "live_curves",
+    "live_series",
     "save_figure",
     "stability_plasticity",
     "style",
+    "watch_live",
 ]
