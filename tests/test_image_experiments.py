@@ -156,9 +156,7 @@ def test_synthetic_omniglot_tree_loads_and_splits_disjointly(tmp_path):
 def test_synthetic_mini_imagenet_splits_resize_and_learnable(tmp_path):
     image_data.write_mini_imagenet(tmp_path, classes=(6, 2, 5), per_class=8)
     assert len(list((tmp_path / "test").glob("n*/*.jpg"))) == 40
-    config = dataclasses.replace(
-        mini.CONFIG, data_root=str(tmp_path), image_size=32, k_query=3
-    )
+    config = dataclasses.replace(mini.CONFIG, data_root=str(tmp_path), image_size=32, k_query=3)
     train, test, loaded = fewshot.families(config, 5)
     assert loaded["train"].x.shape == (48, 32, 32, 3)
     assert not set(loaded["train"].class_names) & set(loaded["test"].class_names)
@@ -190,6 +188,35 @@ def test_fewshot_table_puts_published_numbers_beside_synthetic_results():
     assert row["data"] == "synthetic" and not row["comparable"]
 
 
+def test_meta_test_accuracy_of_one_sgd_step_from_zero_is_a_prototype_classifier(tmp_path):
+    # A linear model w = 0, b = 0 and one inner SGD step at rate a on a balanced N-way support set:
+    # grad_w = X^T (1/N - onehot) / n and grad_b = 0, so w1 = a/n X^T (onehot - 1/N) and a query x scores
+    # class c by (a/n) (sum_{i in c} <x, x_i> - (1/N) sum_i <x, x_i>): the class whose support images have
+    # the largest summed inner product with x wins. test_accuracy must agree with that numpy classifier.
+    image_data.write_omniglot(tmp_path, background=8, evaluation=6, drawings=6, alphabets=2)
+    config = dataclasses.replace(omniglot.CONFIG, data_root=str(tmp_path), n_train_classes=8, k_query=3,
+                                 test_steps=1, test_tasks=10, eval_block=4, inner_lr=0.5)  # fmt: skip
+    _, test, _ = fewshot.families(config, 1)
+    apply = lambda p, x: x.reshape(x.shape[0], -1) @ p["w"] + p["b"][None]  # noqa: E731
+    lrn, _ = fewshot.learner("maml", config, fewshot.meta.cross_entropy_loss(apply))
+    zeros = {"w": jax.numpy.zeros((2, 784, 5)), "b": jax.numpy.zeros((2, 5))}  # two "seeds", the same
+    acc = fewshot.test_accuracy(lrn, apply, zeros, test, config, jax.random.key(5))
+    assert acc.shape == (2, 10)
+    expected = []
+    for b in range(3):  # the blocks test_accuracy draws: fold_in(key, b), eval_block tasks each
+        batch = test.sample(jax.random.fold_in(jax.random.key(5), b), 4)
+        sx = np.asarray(batch.support_x).reshape(4, 5, -1)
+        qx = np.asarray(batch.query_x).reshape(4, 15, -1)
+        sy, qy = np.asarray(batch.support_y), np.asarray(batch.query_y)
+        for t in range(4):
+            scores = qx[t] @ sx[t].T @ np.eye(5)[sy[t]]
+            expected.append((scores.argmax(1) == qy[t]).mean())
+    np.testing.assert_allclose(acc[0], expected[:10], atol=1e-6)
+    np.testing.assert_array_equal(acc[0], acc[1])
+    assert acc.mean() > 0.6  # synthetic characters: well above chance (0.2) after one step
+
+
+@pytest.mark.slow
 def test_omniglot_maml_learns_synthetic_characters(tmp_path):
     """A few MAML meta-iterations on synthetic characters, then meta-test well above chance (20 %)."""
     config = dataclasses.replace(
