@@ -7,7 +7,9 @@ Command:  nestlearn run split_cifar100 --set data_root=~/data/cifar-100-binary
           training and 10 test images per class, a ResNet of one basic block per stage at width 8,
           50 steps of batch 32 per task, 200-example buffer, 3 seeds)
 Runtime:  full size (10 tasks x 50 epochs x 7 strategies x 3 seeds, nf=20) is GPU work: about
-          1.1 M optimizer steps of batch 32 per seed; --quick about 5-10 minutes on 2 CPU cores.
+          1.1 M optimizer steps of batch 32 per seed. --quick is compile-bound on a CPU
+          (one program per strategy): it did not finish in 20 minutes on 2 CPU cores shared with 5 other
+          jobs (load 15); budget it on an idle machine or a GPU.
 Produces: results/<strategy>.npz (accuracy matrices, curves), results/summary.csv (ACC and forgetting
           per strategy and seed), results/table.csv (mean ± s.e.m. over seeds, with a "data" column that
           reads "synthetic" for synthetic runs), results/accuracy_matrix.csv, results/curves.csv,
@@ -144,6 +146,8 @@ def strategy(name: str, config: Config) -> continual.Strategy:
 def load_stream(config: Config, rundir: RunDir | None = None) -> tasks.TaskStream:
     """The split CIFAR-100 stream: real binary files at ``data_root``, or synthetic ones written first."""
     root = config.data_root
+    if config.synthetic and not root and rundir is None:
+        raise ConfigError("synthetic=true without data_root needs a run directory to write the files into")
     if config.synthetic:
         root = image_data.prepare(
             root or rundir.path / "synthetic_data",
