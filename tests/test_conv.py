@@ -346,7 +346,7 @@ def test_im2col_convolutions_equal_lax_in_value_and_gradient():
         np.testing.assert_allclose(lb, la, rtol=1e-5)
         for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match=r"impl must be one of \('lax', 'im2col'\)"):
+    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'lax', 'im2col'\)"):
         nn.Conv4((28, 28, 1), 5, impl="fft", rngs=nnx.Rngs(0))
 
 

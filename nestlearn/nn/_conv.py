@@ -62,7 +62,7 @@ def _init_kwargs(init: str, fan_in: int, bias: bool) -> dict:
     return {"kernel_init": u, "bias_init": u} if bias else {"kernel_init": u}
 
 
-IMPLS = ("lax", "im2col")
+IMPLS = ("auto", "lax", "im2col")
 
 
 class _Conv(nnx.Conv):
@@ -77,12 +77,15 @@ class _Conv(nnx.Conv):
     GPU and TPU.
     """
 
-    def __init__(self, *args, impl: str = "lax", **kwargs) -> None:
+    def __init__(self, *args, impl: str = "auto", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.impl = impl
 
     def __call__(self, x: Float[Array, "n h w cin"]) -> Float[Array, "n h2 w2 cout"]:
-        if self.impl == "lax":
+        impl = self.impl
+        if impl == "auto":  # chosen where the program is traced: a module built on a CPU host runs on a TPU
+            impl = "im2col" if jax.default_backend() == "cpu" else "lax"
+        if impl == "lax":
             return super().__call__(x)
         (k, _), (s, _) = self.kernel_size, self.strides
         pad = (k - 1) // 2 if self.padding != "VALID" else 0
@@ -101,7 +104,7 @@ class _Conv(nnx.Conv):
 
 
 def _conv(
-    cin: int, cout: int, k: int, stride: int, *, bias: bool, init: str, rngs: nnx.Rngs, impl: str = "lax"
+    cin: int, cout: int, k: int, stride: int, *, bias: bool, init: str, rngs: nnx.Rngs, impl: str = "auto"
 ) -> nnx.Conv:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -168,7 +171,8 @@ class Conv4(nnx.Module):
       depth: number of blocks (4).
       batch_norm: whether each block normalises (``False``: conv → ReLU → pool).
       init: ``"lecun"`` (Flax's default) or ``"torch"`` (PyTorch's default, U(±1/sqrt(fan_in))).
-      impl: how convolutions run: ``"lax"`` (``lax.conv_general_dilated``, for GPU/TPU) or ``"im2col"``
+      impl: how convolutions run: ``"auto"`` (default: ``"im2col"`` on the CPU backend, ``"lax"`` elsewhere),
+        ``"lax"`` (``lax.conv_general_dilated``, for GPU/TPU) or ``"im2col"``
         (slices + one matmul: the same function and parameters, several times faster in training loops
         on XLA's CPU backend, whose convolution gradients are slow inside ``lax.scan``).
       rngs: random streams for the parameters.
@@ -194,7 +198,7 @@ class Conv4(nnx.Module):
         depth: int = 4,
         batch_norm: bool = True,
         init: str = "lecun",
-        impl: str = "lax",
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ) -> None:
         self.input_shape = _check_shape(input_shape)
@@ -230,7 +234,7 @@ class BasicBlock(nnx.Module):
     """
 
     def __init__(
-        self, cin: int, cout: int, stride: int, *, init: str = "lecun", impl: str = "lax", rngs: nnx.Rngs
+        self, cin: int, cout: int, stride: int, *, init: str = "lecun", impl: str = "auto", rngs: nnx.Rngs
     ) -> None:
         self.conv1 = _conv(cin, cout, 3, stride, bias=False, init=init, rngs=rngs, impl=impl)
         self.bn1 = nnx.BatchNorm(cout, **_BN, rngs=rngs)
@@ -291,7 +295,8 @@ class ResNet18(nnx.Module):
       nf: filters of the stem and of the first stage (20 reduced, 64 full).
       blocks: basic blocks per stage (``(2, 2, 2, 2)`` is ResNet-18).
       init: ``"lecun"`` (Flax's default) or ``"torch"`` (PyTorch's default, U(±1/sqrt(fan_in))).
-      impl: how convolutions run: ``"lax"`` (``lax.conv_general_dilated``, for GPU/TPU) or ``"im2col"``
+      impl: how convolutions run: ``"auto"`` (default: ``"im2col"`` on the CPU backend, ``"lax"`` elsewhere),
+        ``"lax"`` (``lax.conv_general_dilated``, for GPU/TPU) or ``"im2col"``
         (slices + one matmul: the same function and parameters, several times faster in training loops
         on XLA's CPU backend, whose convolution gradients are slow inside ``lax.scan``).
       rngs: random streams for the parameters.
@@ -315,7 +320,7 @@ class ResNet18(nnx.Module):
         nf: int = 20,
         blocks: Sequence[int] = (2, 2, 2, 2),
         init: str = "lecun",
-        impl: str = "lax",
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ) -> None:
         self.input_shape = _check_shape(input_shape)
