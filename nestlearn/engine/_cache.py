@@ -1,9 +1,16 @@
 """JAX's persistent compilation cache, on by default, so a second process skips compiling the same programs.
 
-Location: ``$NESTLEARN_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/nestlearn/jax`` (``~/.cache/nestlearn/jax``).
-``NESTLEARN_COMPILATION_CACHE=0`` turns it off, ``NESTLEARN_CACHE_MIN_SECONDS`` sets the shortest
-compilation worth caching (default 0.2 s); a ``jax_compilation_cache_dir`` the user configured
-before importing nestlearn is left alone. Built on ``jax.config``'s ``jax_compilation_cache_dir``.
+Location: ``$NESTLEARN_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/nestlearn/jax/<jax>-<jaxlib>``
+(``~/.cache/nestlearn/jax/0.10.2-0.10.2``: one folder per JAX version, so entries an older JAX wrote are
+never read by a newer one and can be deleted as a whole). ``NESTLEARN_COMPILATION_CACHE=0`` turns it off,
+``NESTLEARN_CACHE_MIN_SECONDS`` sets the shortest compilation worth caching (default 0.2 s); a
+``jax_compilation_cache_dir`` the user configured before importing nestlearn is left alone. Built on
+``jax.config``'s ``jax_compilation_cache_dir``.
+
+A damaged entry (a process killed while JAX wrote it: JAX writes entries in place, not atomically) is
+not fatal with this JAX: reading it fails with a warning ("Error reading persistent compilation cache
+entry") and the program is compiled again, but the entry stays and the warning comes back every run;
+delete the cache folder (:func:`default_cache_dir`) to heal it.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ def default_cache_dir() -> Path:
     """Where the cache lives unless told otherwise (see the module docstring)."""
     if os.environ.get("NESTLEARN_CACHE_DIR"):
         return Path(os.environ["NESTLEARN_CACHE_DIR"]).expanduser()
+    import jaxlib
+
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "nestlearn" / "jax"
+    return base / "nestlearn" / "jax" / f"{jax.__version__}-{jaxlib.__version__}"
 
 
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path | None:

@@ -32,7 +32,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from nestlearn._errors import CheckpointError, OperatingError
 
@@ -196,6 +195,8 @@ class Checkpoints:
                 raise ValueError(f"NESTLEARN_KEEP_CHECKPOINTS must be a positive int, got {text!r}") from None
         if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
             raise ValueError(f"keep must be a positive int (checkpoints kept), got {keep!r}")
+        import orbax.checkpoint as ocp  # here, not at import: orbax takes 0.2 s to import
+
         self.directory = Path(directory).absolute()
         select_good(self.directory, report=report)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
@@ -211,6 +212,8 @@ class Checkpoints:
         A disk without room for it is refused before Orbax writes anything
         (:class:`~nestlearn.OperatingError`, ``ENOSPC``), and so is a write that fails for lack of room.
         """
+        import orbax.checkpoint as ocp
+
         need = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves((state, record)))
         self._check_room(need)
         try:
@@ -242,6 +245,8 @@ class Checkpoints:
 
         The step is verified again first (it may have been damaged since the directory was opened).
         """
+        import orbax.checkpoint as ocp
+
         reason = verify(self.directory / str(step))
         if reason is not None:
             raise CheckpointError(

@@ -6,13 +6,15 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from nestlearn import metrics
 from nestlearn.continual import StreamResult
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def atomic_write(path: Path, write: Any, mode: str = "w") -> Path:
@@ -93,6 +95,8 @@ def tidy_tables(results: dict[str, StreamResult]) -> dict[str, pd.DataFrame]:
       with ``diverged`` and the step it diverged at (``diverged_step``, -1 for none), its accuracies after
       that step are NaN (empty in the CSV), and its summary metrics are NaN, so no average can silently include it.
     """
+    import pandas as pd  # here, not at import: pandas takes 0.4 s to import
+
     acc_rows, curve_frames, summary_rows = [], [], []
     for name, r in results.items():
         s, t = r.acc_matrix.shape[:2]
@@ -360,6 +364,8 @@ class RunDir:
         return atomic_write(self.results / f"{name}.csv", frame.to_csv(index=False))
 
     def read_table(self, name: str) -> pd.DataFrame:
+        import pandas as pd
+
         return pd.read_csv(self.results / f"{name}.csv")
 
     def write_arrays(self, name: str, arrays: dict[str, Any]) -> Path:

@@ -116,16 +116,30 @@ def _check(steps: int, checkpoint: str | None, truncate: int | None, segment_len
 
 
 def _make_step(
-    loss_fn: LossFn, x: Array, y: Array, inner_opt: optax.GradientTransformation, lrs: Params | None
+    loss_fn: LossFn,
+    x: Array,
+    y: Array,
+    inner_opt: optax.GradientTransformation,
+    lrs: Params | None,
+    *,
+    constant: bool = False,
 ):
-    """One inner step on ``(params, opt_state)``: ``φ ← φ + lrs ⊙ inner_opt.update(∇L(φ))``."""
+    """One inner step on ``(params, opt_state)``: ``φ ← φ + lrs ⊙ inner_opt.update(∇L(φ))``.
+
+    ``constant``: the update is computed from ``stop_gradient`` inputs and added as a constant,
+    ``φ ← φ + sg(u)``, so the step is the identity map under differentiation (a truncated step) and no
+    derivative of the inner gradient is ever built.
+    """
 
     def step(carry):
         params, opt_state = carry
-        grads = jax.grad(loss_fn)(params, x, y)
-        updates, opt_state = inner_opt.update(grads, opt_state, params)
+        at = jax.lax.stop_gradient(params) if constant else params
+        grads = jax.grad(loss_fn)(at, x, y)
+        updates, opt_state = inner_opt.update(grads, opt_state, at)
         if lrs is not None:
             updates = jax.tree.map(lambda u, lr: u * lr, updates, lrs)
+        if constant:
+            updates, opt_state = jax.lax.stop_gradient((updates, opt_state))
         return optax.apply_updates(params, updates), opt_state
 
     return step
@@ -135,11 +149,16 @@ def _repeat(step, carry, n: int, checkpoint: str | None, segment_length: int | N
     """``step`` applied ``n`` times under ``lax.scan``, with the chosen rematerialisation."""
     if n == 0:
         return carry
-    if checkpoint is None:
-        return jax.lax.scan(lambda c, _: (step(c), None), carry, length=n)[0]
+    if checkpoint in (None, "step"):
+        one = step if checkpoint is None else jax.checkpoint(step, prevent_cse=False)
+        # The first step outside the scan: its input θ is the same for every task, so under a vmap over
+        # tasks its forward pass stays one matmul over all the tasks' points (a scan carry would be
+        # broadcast to one copy of θ per task first), and a single step (MAML's usual case) is no loop.
+        carry = one(carry)
+        if n == 1:
+            return carry
+        return jax.lax.scan(lambda c, _: (one(c), None), carry, length=n - 1)[0]
     remat_step = jax.checkpoint(step, prevent_cse=False)
-    if checkpoint == "step":
-        return jax.lax.scan(lambda c, _: (remat_step(c), None), carry, length=n)[0]
 
     # "segments": the sqrt(N) schedule. The outer scan keeps only the carry at each segment boundary;
     # the backward pass recomputes one segment at a time (its carries, one step's activations at a
@@ -204,9 +223,10 @@ def adapt(
         divide N. All three give the same numbers (up to float reassociation).
       segment_length: segment length for ``checkpoint="segments"``.
       truncate: ``k``: gradients flow through the last ``k`` steps only. The first ``N - k`` steps run
-        on ``stop_gradient`` inputs and their displacement is added back as a constant,
-        ``φ_{N-k} = θ + sg(φ_{N-k} - θ)``, so the truncated prefix counts as the identity map (its
-        first-order approximation): ``truncate=0`` gives first-order MAML, ``None`` the full unroll.
+        on ``stop_gradient`` inputs and add their updates as constants, ``φ_{i+1} = φ_i + sg(u_i)``, so
+        ``φ_{N-k} = θ + sg(φ_{N-k} - θ)`` in derivative and the truncated prefix counts as the identity
+        map (its first-order approximation): ``truncate=0`` gives first-order MAML, ``None`` the full
+        unroll.
       lrs: optional per-parameter learning rates, a pytree like ``params`` multiplying the optimizer's
         updates (Meta-SGD, with ``inner_opt=optax.sgd(1.0)``).
 
@@ -229,11 +249,12 @@ def adapt(
     carry = (params, inner_opt.init(params))
     k = steps if truncate is None else min(truncate, steps)
     if k < steps:
-        sg_step = _make_step(loss_fn, x, y, inner_opt, None if lrs is None else jax.lax.stop_gradient(lrs))
-        prefix, opt_state = _repeat(sg_step, jax.lax.stop_gradient(carry), steps - k, None, None)
-        # θ + sg(φ - θ): the value of φ, the derivative of θ (identity through the truncated prefix).
-        start = jax.tree.map(lambda p, q: p + jax.lax.stop_gradient(q - p), params, prefix)
-        carry = (start, opt_state)
+        # The truncated prefix: φ_{i+1} = φ_i + sg(u_i), the value of the full step and the derivative of
+        # the identity, so φ_{N-k} = θ + Σ sg(u_i) (first-order MAML when k = 0, the hand-written
+        # ``θ - α sg(∇L(θ))``, bit for bit).
+        lr_sg = None if lrs is None else jax.lax.stop_gradient(lrs)
+        sg_step = _make_step(loss_fn, x, y, inner_opt, lr_sg, constant=True)
+        carry = _repeat(sg_step, (params, jax.lax.stop_gradient(carry[1])), steps - k, None, None)
     return _repeat(step, carry, k, checkpoint, segment_length)[0]
 
 
