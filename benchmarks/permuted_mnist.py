@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -55,10 +56,10 @@ def write_peer_data(path: Path) -> None:
     np.savez(path, **{k: np.stack(v) for k, v in arrays.items()})
 
 
-def timed(cmd: list[str], out: Path) -> tuple[dict, float]:
+def timed(cmd: list[str], out: Path, env: dict | None = None) -> tuple[dict, float]:
     """Runs a benchmark process; returns its JSON and the wall time from start to results written."""
     start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.time() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -80,13 +81,53 @@ def summarize(result: dict) -> dict:
     }
 
 
+IMPORT_PROBE = """
+import importlib, json, sys, time
+t0 = time.perf_counter()
+import jax, flax.nnx, optax
+t1 = time.perf_counter()
+for m in sys.argv[1:]:
+    importlib.import_module(m)
+print(json.dumps([t1 - t0, time.perf_counter() - t1]))
+"""
+TRAINING_IMPORTS = ["nestlearn", "nestlearn.engine", "nestlearn.tasks", "nestlearn.nn", "nestlearn.continual",
+                    "nestlearn.experiment"]  # fmt: skip
+
+
+def import_times(modules: list[str], runs: int = 5) -> dict:
+    """``import jax, flax.nnx, optax``, and what ``modules`` add after it, median of fresh processes."""
+    base, extra = [], []
+    for _ in range(runs):
+        proc = subprocess.run([sys.executable, "-c", IMPORT_PROBE, *modules], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"import probe failed:\n{proc.stderr[-3000:]}")
+        b, e = json.loads(proc.stdout)
+        base.append(b)
+        extra.append(e)
+    return {"modules": modules, "base_s": statistics.median(base), "extra_s": statistics.median(extra),
+            "extra_runs_s": extra, "load_average": os.getloadavg()}  # fmt: skip
+
+
+def cold_and_warm(cmd: list[str], out: Path, runs: int, env: dict | None = None) -> tuple[dict, dict]:
+    """The first process (cold: the compilation cache empty, compiled repeats inside it), then ``runs``
+    processes more (warm: ``--repeats 0``); end to end of each, the median of the warm ones."""
+    result, cold = timed(cmd, out, env)
+    warm_cmd = [*cmd[: cmd.index("--repeats")], "--repeats", "0", *cmd[cmd.index("--repeats") + 2 :]]
+    warm = [timed(warm_cmd, out, env)[1] for _ in range(runs)]
+    timing = {"end_to_end_cold_s": cold, "end_to_end_s": statistics.median(warm) if warm else cold,
+              "end_to_end_warm_runs_s": warm, "load_average": os.getloadavg()}  # fmt: skip
+    return result, timing
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--peer-python", default=sys.executable)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--e2e-runs", type=int, default=3, help="warm-cache end-to-end processes per side")
     p.add_argument("--scaling", default="1,8,32")
     p.add_argument("--skip-peers", action="store_true")
+    p.add_argument("--skip-avalanche", action="store_true")
     p.add_argument("--strategy", choices=("naive", "ewc", "replay"), default="naive")
     p.add_argument("--ewc-lambda", type=float, default=100.0)
     p.add_argument("--mem-size", type=int, default=500)
@@ -105,6 +146,10 @@ def main() -> None:
         report["ewc_lambda"] = args.ewc_lambda
     if args.strategy == "replay":
         report["mem_size"] = args.mem_size
+    report["imports"] = {
+        "continual": import_times(["nestlearn.continual"]),
+        "training": import_times(TRAINING_IMPORTS),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = tmp / "permuted_mnist.npz"
@@ -112,20 +157,27 @@ def main() -> None:
         nl_out = tmp / "nestlearn.json"
         cmd = [sys.executable, str(HERE / "nestlearn_permuted.py"), "--seeds", str(args.seeds),
                "--repeats", str(args.repeats), "--data", str(data), "--out", str(nl_out), *strategy_args]  # fmt: skip
-        nl, nl_e2e = timed(cmd, nl_out)
+        # A cache of its own, empty at first: the first process is cold, the next ones warm.
+        env = {**os.environ, "NESTLEARN_CACHE_DIR": str(tmp / "cache-nestlearn")}
+        nl, timing = cold_and_warm(cmd, nl_out, args.e2e_runs, env)
         report["nestlearn"] = {
-            "end_to_end_s": nl_e2e,
+            **timing,
             "compiled_s": statistics.median(nl["compiled_seconds"]),
             "compiled_runs_s": nl["compiled_seconds"],
             **summarize(nl),
             "diverged_step": nl["diverged_step"],
         }
-        print(
-            f"nestlearn: end to end {nl_e2e:.1f}s, compiled {report['nestlearn']['compiled_s']:.1f}s",
-            flush=True,
-        )
+        nl_e2e = report["nestlearn"]["end_to_end_s"]
+        print(f"nestlearn: end to end cold {timing['end_to_end_cold_s']:.1f}s, warm {nl_e2e:.1f}s, "
+              f"compiled {report['nestlearn']['compiled_s']:.1f}s", flush=True)  # fmt: skip
+        sides = []
+        if args.strategy == "naive":
+            ref_out = tmp / "reference.json"
+            sides.append(("jax_reference", [sys.executable, str(HERE / "jax_permuted.py"), "--data", str(data),
+                          "--seeds", str(args.seeds), "--repeats", str(args.repeats), "--out", str(ref_out),
+                          "--cache", str(tmp / "cache-reference")], ref_out))  # fmt: skip
         if not args.skip_peers:
-            peers = [("avalanche", "avalanche_naive.py")]
+            peers = [] if args.skip_avalanche else [("avalanche", "avalanche_naive.py")]
             if args.strategy == "naive":
                 peers.append(("torch_loop", "torch_loop.py"))
             for name, script in peers:
@@ -139,22 +191,28 @@ def main() -> None:
                         if args.strategy == "ewc"
                         else ["--mem-size", str(args.mem_size)]
                     )
-                res, e2e = timed(cmd, out)
-                report[name] = {
-                    "version": res.get("peer"),
-                    "end_to_end_s": e2e,
-                    "compiled_s": float(sum(res["train_seconds"])),
-                    **summarize(res),
-                }
-                ratio_e2e = e2e / nl_e2e
-                ratio_compiled = report[name]["compiled_s"] / report["nestlearn"]["compiled_s"]
-                report[name]["speedup_end_to_end"] = ratio_e2e
-                report[name]["speedup_compiled"] = ratio_compiled
-                report[name]["acc_diff_points"] = 100 * (
-                    report["nestlearn"]["final_acc_mean"] - report[name]["final_acc_mean"]
-                )
-                print(f"{name}: end to end {e2e:.1f}s ({ratio_e2e:.1f}x), compiled "
-                      f"{report[name]['compiled_s']:.1f}s ({ratio_compiled:.1f}x)", flush=True)  # fmt: skip
+                sides.append((name, cmd, out))
+        for name, cmd, out in sides:
+            if name == "jax_reference":
+                res, timing = cold_and_warm(cmd, out, args.e2e_runs)
+                compiled = statistics.median(res["compiled_seconds"])
+            else:  # no compilation cache: every process is the same; the torch loop runs e2e-runs times
+                runs = [timed(cmd, out) for _ in range(args.e2e_runs if name == "torch_loop" else 1)]
+                res = runs[0][0]
+                e2e = [r[1] for r in runs]
+                timing = {"end_to_end_s": statistics.median(e2e), "end_to_end_runs_s": e2e,
+                          "load_average": os.getloadavg()}  # fmt: skip
+                compiled = statistics.median(float(sum(r[0]["train_seconds"])) for r in runs)
+            report[name] = {"version": res.get("peer"), **timing, "compiled_s": compiled, **summarize(res)}
+            ratio_e2e = report[name]["end_to_end_s"] / nl_e2e
+            ratio_compiled = compiled / report["nestlearn"]["compiled_s"]
+            report[name]["speedup_end_to_end"] = ratio_e2e
+            report[name]["speedup_compiled"] = ratio_compiled
+            report[name]["acc_diff_points"] = 100 * (
+                report["nestlearn"]["final_acc_mean"] - report[name]["final_acc_mean"]
+            )
+            print(f"{name}: end to end {report[name]['end_to_end_s']:.1f}s ({ratio_e2e:.2f}x), compiled "
+                  f"{compiled:.1f}s ({ratio_compiled:.2f}x)", flush=True)  # fmt: skip
         scaling = []
         for s in [int(v) for v in args.scaling.split(",") if v and args.strategy == "naive"]:
             out = tmp / f"scaling_{s}.json"
@@ -181,22 +239,28 @@ def main() -> None:
 
 def markdown(report: dict) -> str:
     lines = [
-        f"| {report['seeds']} seeds, 10 tasks | end to end (s) | compiled (s) | final avg acc |"
-        " speed-up end to end | speed-up compiled |",
-        "|---|---|---|---|---|---|",
+        f"| {report['seeds']} seeds, 10 tasks | end to end, cold cache (s) | end to end (s) | compiled (s) |"
+        " final avg acc | time / nestlearn's, end to end | compiled | load avg |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("nestlearn", "avalanche", "torch_loop"):
+    for name in ("nestlearn", "jax_reference", "avalanche", "torch_loop"):
         if name not in report:
             continue
         r = report[name]
-        e2e = f"{r['speedup_end_to_end']:.1f}x" if "speedup_end_to_end" in r else "-"
-        comp = f"{r['speedup_compiled']:.1f}x" if "speedup_compiled" in r else "-"
+        e2e = f"{r['speedup_end_to_end']:.2f}x" if "speedup_end_to_end" in r else "-"
+        comp = f"{r['speedup_compiled']:.2f}x" if "speedup_compiled" in r else "-"
+        cold = f"{r['end_to_end_cold_s']:.1f}" if "end_to_end_cold_s" in r else "-"
         lines.append(
-            f"| {r.get('version', name)} | {r['end_to_end_s']:.1f} | {r['compiled_s']:.1f} | "
-            f"{r['final_acc_mean']:.4f} ± {r['final_acc_sem']:.4f} | {e2e} | {comp} |"
+            f"| {r.get('version') or name} | {cold} | {r['end_to_end_s']:.1f} | {r['compiled_s']:.1f} | "
+            f"{r['final_acc_mean']:.4f} ± {r['final_acc_sem']:.4f} | {e2e} | {comp} | "
+            f"{r.get('load_average', [float('nan')])[0]:.1f} |"
         )
-    lines += ["", "| seeds in one program | compiled (s) | per seed (s) | peak RSS (MiB) | XLA temp (MiB) |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    for imp in report.get("imports", {}).values():
+        lines.append(f"\nimport jax, flax.nnx, optax: {imp['base_s']:.2f} s; then {', '.join(imp['modules'])}: "
+                     f"+{imp['extra_s']:.2f} s (median of fresh processes, load avg {imp['load_average'][0]:.1f})")  # fmt: skip
+    if report.get("scaling"):
+        lines += ["", "| seeds in one program | compiled (s) | per seed (s) | peak RSS (MiB) | XLA temp (MiB) |",
+                  "|---|---|---|---|---|"]  # fmt: skip
     for row in report.get("scaling", []):
         lines.append(
             f"| {row['seeds']} | {row['compiled_s']:.1f} | {row['per_seed_s']:.2f} | {row['peak_rss_mib']:.0f} | "
