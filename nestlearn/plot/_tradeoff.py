@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 from matplotlib.axes import Axes
 
 from nestlearn.metrics._tradeoff import pareto_front
 from nestlearn.plot._figures import _axes, style
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 _REFERENCE_MARKERS = {"naive": ("v", "0.35"), "joint": ("*", "0.1")}
 
