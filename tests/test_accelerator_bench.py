@@ -15,6 +15,8 @@ import jax
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# About a minute of compilation on a 2-core CPU: `make test-all` runs it, `make test` (CI) does not.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -291,7 +291,10 @@ def test_backbone_learns_a_continual_image_stream_and_carries_batch_stats(model)
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("batch_norm, impl, first_order", [(True, "im2col", True), (False, "lax", False)])
+@pytest.mark.parametrize(
+    "batch_norm, impl, first_order",
+    [pytest.param(True, "im2col", True, marks=pytest.mark.slow), (False, "lax", False)],
+)
 def test_conv4_maml_meta_steps_reduce_the_query_loss(batch_norm, impl, first_order):
     # 3-way tasks on 8x8 images (a class lights one quadrant); MAML with one inner SGD step, BN in train
     # mode inside the inner loop (batch statistics of the support / query set, as MAML does). With BN,

@@ -323,6 +323,7 @@ def _script_process(name: str, out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # a minute of subprocesses; the continual run's SIGKILL drill above stays in `make test`
 def test_sigkill_of_a_script_experiment_then_resume_gives_identical_results(tmp_path):
     sets = ["--quick", "--set", "steps=2000", "--set", "bin=100", "--set", "seeds=0,1"]  # 20 bins per method
     reference = _script_process("loss_of_plasticity", tmp_path / "ref", *sets)

@@ -81,8 +81,19 @@ def kernel_env(tmp_path, monkeypatch):
     )
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+# The notebooks run in two test files (this one and test_notebooks_b.py), so that `make test`'s two
+# workers, which take a file each, share them.
+FIRST_HALF = SCRIPTS[0::2]
+SECOND_HALF = SCRIPTS[1::2]
+
+
+@pytest.mark.parametrize("script", FIRST_HALF, ids=lambda p: p.stem)
 def test_notebook_executes(script, kernel_env, tmp_path):
+    run_notebook(script, tmp_path)
+
+
+def run_notebook(script: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """Executes the paired notebook at the small size and checks its outputs (needs ``kernel_env``)."""
     notebook = nbformat.read(script.with_suffix(".ipynb"), as_version=4)
     notebook.cells.append(nbformat.v4.new_code_cell(_PROBE))
     client = NotebookClient(

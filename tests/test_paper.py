@@ -139,6 +139,7 @@ def write_zoo_and_passkey_results(runs: Path) -> None:
     pd.DataFrame(rows).to_csv(runs / "passkey" / "results" / "passkey.csv", index=False)
 
 
+@pytest.mark.slow  # its fixture runs every experiment at quick size (minutes): `make test-all` runs it
 def test_every_figure_is_built_from_stored_results_without_training(runs, tmp_path, monkeypatch):
     module = load(REPO / "paper" / "make_figures.py")
     monkeypatch.setattr(continual.Learner, "run", lambda *a, **k: pytest.fail("make_figures must not train"))

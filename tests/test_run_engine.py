@@ -251,8 +251,11 @@ def test_compilation_cache_serves_a_second_process(tmp_path):
         """
         import jax, jax.numpy as jnp, nestlearn, sys
         print(nestlearn.COMPILATION_CACHE)
+        events = []  # JAX reports each persistent-cache hit as a monitoring event
+        jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
         f = jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T + jax.lax.fori_loop(0, 50, lambda i, a: a * 1.01, x))
         f(jnp.ones((64, 64))).block_until_ready()
+        print("hits", events.count("/jax/compilation_cache/cache_hits"))
         """
     )
     env = {**os.environ, "NESTLEARN_CACHE_DIR": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
@@ -261,16 +264,14 @@ def test_compilation_cache_serves_a_second_process(tmp_path):
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )
     assert first.returncode == 0, first.stderr
-    assert first.stdout.strip() == str(tmp_path / "cache")
+    assert first.stdout.split("\n")[:2] == [str(tmp_path / "cache"), "hits 0"]
     entries = list((tmp_path / "cache").iterdir())
     assert entries, "the first process wrote nothing to the cache"
-    env["JAX_LOG_COMPILES"] = "0"
-    env["JAX_DEBUG_LOG_MODULES"] = "jax._src.compiler,jax._src.compilation_cache"
     second = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )
     assert second.returncode == 0, second.stderr
-    assert "cache hit" in second.stderr.lower()
+    assert int(second.stdout.split("\n")[1].split()[1]) >= 1  # the program came from the first one's cache
     off = subprocess.run(
         [sys.executable, "-c", "import nestlearn; print(nestlearn.COMPILATION_CACHE)"],
         env={**env, "NESTLEARN_COMPILATION_CACHE": "0"},

@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from nestlearn._errors import ConfigError, NestlearnError
+from nestlearn._errors import ConfigError, NestlearnError, Preempted
 from nestlearn.experiment import ExperimentConfig, load_result, override
 from nestlearn.experiment._cli import main
 from nestlearn.experiment._sweep import Manifest, SweepRun, _preempted, pack, read_sweep, run_sweep
@@ -241,9 +241,9 @@ def test_preempted_group_stops_the_sweep_and_resumes_next_time(workdir, capsys):
     m = run_sweep(f, out, execute=lambda g, d, r, fo: seen.append((g.overrides, r)), log=lambda m: None)
     assert seen == [(("seed=1",), False), (("seed=1",), True), (("seed=2",), False)]  # resumed, then the next
     assert m.counts()["done"] == 2
-    # the run path's preemption, as SystemExit(4) or a Preempted... error, stops the sweep; nothing else does
-    preempted_error = type("PreemptedError", (NestlearnError,), {"__module__": "nestlearn._errors"})
-    assert _preempted(SystemExit(4)) and _preempted(preempted_error("sigterm"))
+    # the run path's preemption, as SystemExit(4) or nestlearn.Preempted, stops the sweep; nothing else does
+    assert _preempted(SystemExit(4)) and _preempted(Preempted("sigterm", step=3))
+    assert not _preempted(type("PreemptedLookalike", (NestlearnError,), {})("x"))
     assert (
         not _preempted(SystemExit(2))
         and not _preempted(ConfigError("x"))
