@@ -40,7 +40,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -50,6 +49,7 @@ from nestlearn.experiment import write_json
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from permuted_mnist import write_peer_data  # noqa: E402 (the peers' data, as the permuted benchmark writes it)
 
 FULL = dict(
     seeds=(1, 32, 256),
@@ -114,20 +114,6 @@ def mlp_learner(size: dict, strategy, *, tasks_epochs: float, stream) -> continu
     )
 
 
-def peer_data(stream, path: Path) -> None:
-    """A stream materialised per task (train and test arrays) for the PyTorch peers."""
-    arrays = {"train_x": [], "train_y": [], "test_x": [], "test_y": []}
-    for t in range(stream.n_tasks):
-        n = int(stream.train_n[t])
-        x, y = stream.train_examples(jnp.full((n,), t), jnp.arange(n))
-        tx, ty, valid = stream.test_set(jnp.asarray(t))
-        arrays["train_x"].append(np.asarray(x, np.float32))
-        arrays["train_y"].append(np.asarray(y, np.int64))
-        arrays["test_x"].append(np.asarray(tx)[np.asarray(valid)].astype(np.float32))
-        arrays["test_y"].append(np.asarray(ty)[np.asarray(valid)].astype(np.int64))
-    np.savez(path, **{k: np.stack(v) for k, v in arrays.items()})
-
-
 def peer_device(python: str) -> str | None:
     """``"cuda"`` or ``"cpu"`` for a peer interpreter with torch, ``None`` without one."""
     probe = "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')"
@@ -174,7 +160,7 @@ def permuted(size: dict, budget: Budget, peer: tuple[str, str] | None, peer_seed
         python, device = peer
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "permuted.npz"
-            peer_data(stream, data)
+            write_peer_data(data, stream)
             for name, script in (("torch_loop", "torch_loop.py"), ("avalanche", "avalanche_naive.py")):
                 if budget.left() < 60:
                     rows.append({"workload": f"permuted MNIST naive, {name}", "skipped": "budget"})

@@ -37,13 +37,13 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def write_peer_data(path: Path) -> None:
-    """The stream nestlearn trains on, materialised per task for the peers."""
+def write_peer_data(path: Path, stream=None) -> None:
+    """A stream (default: the benchmark's, 10 permuted-MNIST tasks), materialised per task for the peers."""
     import jax.numpy as jnp
 
     from nestlearn import tasks
 
-    stream = tasks.permuted_mnist(10, seed=0)
+    stream = tasks.permuted_mnist(10, seed=0) if stream is None else stream
     arrays = {"train_x": [], "train_y": [], "test_x": [], "test_y": []}
     for t in range(stream.n_tasks):
         n = int(stream.train_n[t])
