@@ -20,13 +20,18 @@ Setup:    Finn et al. 2017 (MAML), mini-ImageNet: 64 meta-training and 20 meta-t
           anneals its outer SGD step from 1 to 0). Meta-test: 600 tasks from the test classes, the same for
           every method and seed; mean ± 95 % CI per seed, then mean ± s.e.m. over seeds.
 Published (5-way, accuracy %, 1-shot / 5-shot):
-          MAML              48.70 ± 1.84 / 63.11 ± 0.92   Finn et al. 2017, Table 2
-          first-order MAML  48.07 ± 1.75 / 63.15 ± 0.91   Finn et al. 2017, Table 2
-          Reptile           49.97 ± 0.32 / 65.99 ± 0.58   Nichol et al. 2018, transductive (recalled)
-          Meta-SGD          50.47 ± 1.87 / 64.03 ± 0.94   Li et al. 2017, Table 2 (recalled; check)
-          ANIL              46.7 ± 0.4  / 61.5 ± 0.5    Raghu et al. 2020, Table 2 (recalled; check)
-          The MAML rows are the ones the issue brief quotes; the others are from memory of the papers'
-          tables and are marked so in results/table.csv's source column until checked.
+          MAML              48.70 ± 1.84 / 63.11 ± 0.92   Finn et al. 2017, Table 1 (bottom)
+          first-order MAML  48.07 ± 1.75 / 63.15 ± 0.91   Finn et al. 2017, Table 1 (bottom)
+          Reptile           49.97 ± 0.32 / 65.99 ± 0.58   Nichol et al. 2018, Table 1, Reptile + transduction
+                            (their non-transductive row: 47.07 ± 0.26 / 62.74 ± 0.37)
+          Meta-SGD          50.47 ± 1.87 / 64.03 ± 0.94   Li et al. 2017 (table number not checked)
+          ANIL              46.7 ± 0.4   / 61.5 ± 0.5     Raghu et al. 2020, Table 2 (± is the s.d. over 3 seeds)
+          Checked against full-text copies of the papers: MAML and first-order MAML (arXiv 1703.03400v3:
+          one Table 1, Omniglot on top, MiniImagenet below; its Table 2 is sinusoid regression) and ANIL
+          (arXiv 1909.09157, ICLR 2020). Not read in the papers themselves, so marked "recalled, unverified"
+          in results/table.csv: Reptile (the latest arXiv 1803.02999; its v1 has other numbers; the values
+          agree in three independent copies of Table 1) and Meta-SGD (arXiv 1707.09835; the values agree with
+          those later papers quote).
 Synthetic: ``synthetic=true`` (and ``--quick``) writes random colour patterns as 84x84 JPEGs in the
           train/val/test layout (experiments/_image_data.py) and loads them with tasks.load_mini_imagenet;
           every log line, table row and figure title says "synthetic".
@@ -61,16 +66,24 @@ QUICK = ["synthetic=true", "n_iters=200", "chunk=100", "image_size=32", "inner_s
 
 # (method, shot): (accuracy %, 95 % CI, source)
 PUBLISHED = {
-    ("maml", 1): (48.70, 1.84, "Finn et al. 2017, Table 2"),
-    ("maml", 5): (63.11, 0.92, "Finn et al. 2017, Table 2"),
-    ("fomaml", 1): (48.07, 1.75, "Finn et al. 2017, Table 2"),
-    ("fomaml", 5): (63.15, 0.91, "Finn et al. 2017, Table 2"),
-    ("reptile", 1): (49.97, 0.32, "Nichol et al. 2018, transductive (recalled, unverified)"),
-    ("reptile", 5): (65.99, 0.58, "Nichol et al. 2018, transductive (recalled, unverified)"),
-    ("metasgd", 1): (50.47, 1.87, "Li et al. 2017, Table 2 (recalled, unverified)"),
-    ("metasgd", 5): (64.03, 0.94, "Li et al. 2017, Table 2 (recalled, unverified)"),
-    ("anil", 1): (46.7, 0.4, "Raghu et al. 2020 (recalled, unverified)"),
-    ("anil", 5): (61.5, 0.5, "Raghu et al. 2020 (recalled, unverified)"),
+    ("maml", 1): (48.70, 1.84, "Finn et al. 2017, Table 1 (checked: full-text copy of arXiv 1703.03400v3)"),
+    ("maml", 5): (63.11, 0.92, "Finn et al. 2017, Table 1 (checked: full-text copy of arXiv 1703.03400v3)"),
+    ("fomaml", 1): (48.07, 1.75, "Finn et al. 2017, Table 1 (checked: full-text copy of arXiv 1703.03400v3)"),
+    ("fomaml", 5): (63.15, 0.91, "Finn et al. 2017, Table 1 (checked: full-text copy of arXiv 1703.03400v3)"),
+    ("reptile", 1): (49.97, 0.32, "Nichol et al. 2018, Table 1, transductive (recalled, unverified)"),
+    ("reptile", 5): (65.99, 0.58, "Nichol et al. 2018, Table 1, transductive (recalled, unverified)"),
+    ("metasgd", 1): (50.47, 1.87, "Li et al. 2017 (recalled, unverified)"),
+    ("metasgd", 5): (64.03, 0.94, "Li et al. 2017 (recalled, unverified)"),
+    ("anil", 1): (
+        46.7,
+        0.4,
+        "Raghu et al. 2020, Table 2, ± = s.d. over 3 seeds (checked: copy of arXiv 1909.09157)",
+    ),
+    ("anil", 5): (
+        61.5,
+        0.5,
+        "Raghu et al. 2020, Table 2, ± = s.d. over 3 seeds (checked: copy of arXiv 1909.09157)",
+    ),
 }
 
 

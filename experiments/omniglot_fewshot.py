@@ -24,13 +24,18 @@ Setup:    Finn et al. 2017 (MAML), Omniglot: 1,623 characters resized to 28x28, 
           Meta-test: 600 tasks from the held-out characters, the same for every method and seed; accuracy
           mean ± 95 % CI (1.96 s/sqrt(n)) per seed, then mean ± s.e.m. over seeds.
 Published (5-way, accuracy %, 1-shot / 5-shot):
-          MAML              98.7 ± 0.4  / 99.9 ± 0.1   Finn et al. 2017, Table 1
-          first-order MAML  98.3 ± 0.5  / 99.2 ± 0.2   Finn et al. 2017, Table 1 (recalled; check)
-          Reptile           97.68 ± 0.04 / 99.48 ± 0.06  Nichol et al. 2018, Table 1, transductive (recalled)
-          Meta-SGD          99.53 ± 0.26 / 99.93 ± 0.09  Li et al. 2017, Table 1 (recalled; check)
-          ANIL              none at 5-way (Raghu et al. 2020 report 20-way Omniglot only)
-          The MAML row is the one the issue brief quotes; the others are from memory of the papers' tables
-          and are marked so in results/table.csv's source column until checked.
+          MAML              98.7 ± 0.4   / 99.9 ± 0.1    Finn et al. 2017, Table 1 (top)
+          first-order MAML  98.3 ± 0.5   / 99.2 ± 0.2    Nichol et al. 2018, Table 2, 1st-order MAML + transduction
+          Reptile           97.68 ± 0.04 / 99.48 ± 0.06  Nichol et al. 2018, Table 2, Reptile + transduction
+                            (their non-transductive row: 95.39 ± 0.09 / 98.90 ± 0.10)
+          Meta-SGD          99.53 ± 0.26 / 99.93 ± 0.09  Li et al. 2017 (table number not checked)
+          ANIL              none at 5-way (Raghu et al. 2020, Table 2, report 20-way Omniglot only)
+          Checked against full-text copies of the papers: MAML (arXiv 1703.03400v3; its Table 1 has no
+          first-order Omniglot row, its first-order row is mini-ImageNet only) and ANIL (arXiv 1909.09157,
+          ICLR 2020). Not read in the papers themselves, so marked "recalled, unverified" in results/table.csv:
+          first-order MAML and Reptile (the latest arXiv 1803.02999; its v1 has other Reptile numbers; the
+          values agree in three independent copies of Table 2) and Meta-SGD (arXiv 1707.09835; the values agree
+          with those later papers quote).
 Synthetic: ``synthetic=true`` (and ``--quick``) writes random stroke patterns as 105x105 PNGs in
           Omniglot's folder layout (experiments/_image_data.py) and loads them with tasks.load_omniglot;
           every log line, table row and figure title says "synthetic".
@@ -65,14 +70,22 @@ QUICK = ["synthetic=true", "n_iters=300", "chunk=150", "meta_batch=8", "k_query=
 
 # (method, shot): (accuracy %, 95 % CI, source)
 PUBLISHED = {
-    ("maml", 1): (98.7, 0.4, "Finn et al. 2017, Table 1"),
-    ("maml", 5): (99.9, 0.1, "Finn et al. 2017, Table 1"),
-    ("fomaml", 1): (98.3, 0.5, "Finn et al. 2017, Table 1 (recalled, unverified)"),
-    ("fomaml", 5): (99.2, 0.2, "Finn et al. 2017, Table 1 (recalled, unverified)"),
-    ("reptile", 1): (97.68, 0.04, "Nichol et al. 2018, transductive (recalled, unverified)"),
-    ("reptile", 5): (99.48, 0.06, "Nichol et al. 2018, transductive (recalled, unverified)"),
-    ("metasgd", 1): (99.53, 0.26, "Li et al. 2017, Table 1 (recalled, unverified)"),
-    ("metasgd", 5): (99.93, 0.09, "Li et al. 2017, Table 1 (recalled, unverified)"),
+    ("maml", 1): (98.7, 0.4, "Finn et al. 2017, Table 1 (checked: full-text copy of arXiv 1703.03400v3)"),
+    ("maml", 5): (99.9, 0.1, "Finn et al. 2017, Table 1 (checked: full-text copy of arXiv 1703.03400v3)"),
+    ("fomaml", 1): (
+        98.3,
+        0.5,
+        "Nichol et al. 2018, Table 2, 1st-order MAML + transduction (recalled, unverified)",
+    ),
+    ("fomaml", 5): (
+        99.2,
+        0.2,
+        "Nichol et al. 2018, Table 2, 1st-order MAML + transduction (recalled, unverified)",
+    ),
+    ("reptile", 1): (97.68, 0.04, "Nichol et al. 2018, Table 2, transductive (recalled, unverified)"),
+    ("reptile", 5): (99.48, 0.06, "Nichol et al. 2018, Table 2, transductive (recalled, unverified)"),
+    ("metasgd", 1): (99.53, 0.26, "Li et al. 2017 (recalled, unverified)"),
+    ("metasgd", 5): (99.93, 0.09, "Li et al. 2017 (recalled, unverified)"),
 }
 
 

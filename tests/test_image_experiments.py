@@ -78,9 +78,11 @@ def test_split_cifar100_strategies_carry_the_documented_hyperparameters():
     derpp, ewc, si = (cifar.strategy(n, config) for n in ("derpp", "ewc", "si"))
     assert isinstance(derpp, continual.DERPP) and (derpp.buffer_size, derpp.alpha, derpp.beta) == (
         123,
-        0.1,
+        0.2,
         0.5,
     )
+    lwf = cifar.strategy("lwf", config)  # Mammoth's alpha 3.0 has no T^2 factor; continual.LwF has one
+    assert (lwf.alpha * lwf.temperature**2, lwf.temperature, cifar.LR["lwf"]) == (3.0, 2.0, 0.01)
     assert ewc.online and (ewc.lam, ewc.gamma) == (10.0, 1.0)
     assert (si.c, si.xi) == (0.5, 1.0)
     assert isinstance(cifar.strategy("joint", config), continual.Joint)
