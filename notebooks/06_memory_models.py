@@ -58,17 +58,17 @@ T_START = time.perf_counter()
 
 VOCAB, BATCH, LR = 64, 32, 3e-3  # MQAR: vocabulary, batch, AdamW learning rate
 if SMALL:
-    SEEDS, WIDTHS, MQAR_STEPS, MQAR_CHUNK = (0, 1), (16,), 200, 200
+    SEEDS, WIDTHS, MQAR_STEPS, MQAR_CHUNK, N_LAYERS = (0, 1), (16,), 200, 200, 1
     MQAR_MODELS = ("transformer", "linear_attention", "deltanet")
     LANG_BATCH, LANG_LENGTH, LANG_STEPS, LANG_CHUNK, LANG_WIDTH = 8, 32, 40, 10, 16
     EVAL_BATCHES = 4
 else:
-    SEEDS, WIDTHS, MQAR_STEPS, MQAR_CHUNK = (0, 1, 2), (16, 32), 1000, 250
+    SEEDS, WIDTHS, MQAR_STEPS, MQAR_CHUNK, N_LAYERS = (0, 1, 2), (16, 32), 1000, 250, 2
     MQAR_MODELS = ("transformer", "linear_attention", "deltanet", "hope")
     LANG_BATCH, LANG_LENGTH, LANG_STEPS, LANG_CHUNK, LANG_WIDTH = 32, 64, 300, 50, 32
     EVAL_BATCHES = 16
 
-print(f"SMALL={SMALL}: MQAR {MQAR_STEPS} steps, widths {WIDTHS}, seeds {SEEDS};")
+print(f"SMALL={SMALL}: MQAR {MQAR_STEPS} steps, widths {WIDTHS}, seeds {SEEDS}, {N_LAYERS}-layer models;")
 print(f"  two languages {LANG_STEPS} steps per language, batch {LANG_BATCH} x {LANG_LENGTH} tokens")
 
 # %% [markdown]
@@ -244,9 +244,9 @@ print(f"max |one call - second piece from a reset|:        "
 # grows with the sequence; a recurrent memory has a fixed state (d_head² floats per head for a matrix
 # memory) and needs that state to grow with the number of pairs. So the x axis of the plot is the
 # **state size** in floats, `nn.state_size(model, length)` (for attention, the cache of 2 · length ·
-# d_model per layer). Each model is a 2-layer `SequenceModel` trained by `nn.SeqTrainer`: AdamW at
-# 3e-3, batch 32, the cross-entropy at the query positions only, seeds vmapped in one compiled program,
-# evaluation on fresh batches.
+# d_model per layer). Each model is a 2-layer `SequenceModel` (one layer at the small size, which halves
+# the compilation) trained by `nn.SeqTrainer`: AdamW at 3e-3, batch 32, the cross-entropy at the query
+# positions only, seeds vmapped in one compiled program, evaluation on fresh batches.
 #
 # **Cost.** At full size this cell trains every model at every width for all seeds and takes about ten
 # minutes on two CPU cores, most of it the memories' compilation and the Transformer's steps; each
@@ -264,7 +264,7 @@ BUILDERS = {
 
 
 def model_fn(name, vocab, width):
-    return lambda rngs: BUILDERS[name](vocab=vocab, d_model=width, rngs=rngs)
+    return lambda rngs: BUILDERS[name](vocab=vocab, d_model=width, n_layers=N_LAYERS, rngs=rngs)
 
 
 def mqar_sample(key):
@@ -365,7 +365,7 @@ def language_run(build, tx, seeds):
     how far each CMS level (or ``io``, the rest) moved, ``{label: [seeds]}``.
     """
     trainer = nn.SeqTrainer(
-        lambda rngs: build(vocab=32, d_model=LANG_WIDTH, rngs=rngs), tx,
+        lambda rngs: build(vocab=32, d_model=LANG_WIDTH, n_layers=N_LAYERS, rngs=rngs), tx,
         lambda key: langs.sample(key, 0, LANG_BATCH, LANG_LENGTH), steps=LANG_STEPS, chunk=LANG_CHUNK,
     )  # fmt: skip
 
