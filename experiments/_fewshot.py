@@ -22,7 +22,7 @@ import pandas as pd
 from flax import nnx
 
 from nestlearn import ConfigError, meta, nn, tasks
-from nestlearn.experiment import RunDir
+from nestlearn.experiment import RunDir, save_figure
 
 image_data = sys.modules.get("nestlearn_experiment__image_data")
 if image_data is None:  # loaded on its own (tests): import the sibling by path
@@ -321,5 +321,5 @@ def figure(out: Path, summary: pd.DataFrame, config: FewShotConfig) -> None:
         ax.set_ylabel(f"meta-test accuracy (%), {config.n_way}-way")
         ax.set_title(f"{config.dataset} ({data_label(config)} data)", fontsize=7)
         ax.legend(fontsize=5, frameon=False)
-        plot.save_figure(fig, out / "figures" / f"{config.dataset}_fewshot")
+        save_figure(fig, out / "figures" / f"{config.dataset}_fewshot")
         plt.close(fig)

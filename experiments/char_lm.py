@@ -61,7 +61,7 @@ import pandas as pd
 from flax import nnx
 
 from nestlearn import ConfigError, nn, tasks
-from nestlearn.experiment import RunDir
+from nestlearn.experiment import RunDir, save_figure
 
 VOCAB = 128  # ASCII; every other character becomes SUBSTITUTE
 SUBSTITUTE = 26
@@ -386,7 +386,7 @@ def figures(out: Path) -> None:
 
     with plot.style():
         fig = figure(out / "results")
-        plot.save_figure(fig, out / "figures" / "char_lm")
+        save_figure(fig, out / "figures" / "char_lm")
         plt.close(fig)
 
 

@@ -40,7 +40,7 @@ import optax
 import pandas as pd
 
 from nestlearn import ConfigError, continual, engine, metrics, nn, tasks
-from nestlearn.experiment import RunDir, load_result
+from nestlearn.experiment import RunDir, load_result, save_figure
 
 WIDTH = 128
 
@@ -225,7 +225,7 @@ def figures(out: Path, scale: Config) -> None:
                                        color_cycle=[color], legend=False)  # fmt: skip
             left.legend(fontsize=5, frameon=False, ncol=2)
             right.set_title(f"{stream}: task 1 over the stream", fontsize=7)
-            plot.save_figure(fig, out / "figures" / f"cms_{stream}")
+            save_figure(fig, out / "figures" / f"cms_{stream}")
             plt.close(fig)
         points = pd.read_csv(out / "results" / "tradeoff.csv")
         fig, axes = plt.subplots(1, len(STREAMS), figsize=(plot.DOUBLE_COLUMN, 2.8))
@@ -233,7 +233,7 @@ def figures(out: Path, scale: Config) -> None:
             plot.stability_plasticity(points[points["stream"] == stream].drop(columns="stream"), ax=ax,
                                       references=(), legend=ax is axes[0])  # fmt: skip
             ax.set_title(stream, fontsize=7)
-        plot.save_figure(fig, out / "figures" / "cms_tradeoff")
+        save_figure(fig, out / "figures" / "cms_tradeoff")
         plt.close(fig)
 
 

@@ -69,7 +69,7 @@ from flax import nnx
 from jaxtyping import PRNGKeyArray
 
 from nestlearn import ConfigError, nn, tasks
-from nestlearn.experiment import RunDir
+from nestlearn.experiment import RunDir, save_figure
 
 R1, R2 = 1, 2  # regime markers; keys start at KEY0, values follow the keys
 KEY0 = 3
@@ -317,7 +317,7 @@ def figures(out: Path, values: int | None = None) -> None:
 
     with plot.style():
         fig = figure(out / "results", values)
-        plot.save_figure(fig, out / "figures" / "context_switch")
+        save_figure(fig, out / "figures" / "context_switch")
         plt.close(fig)
 
 

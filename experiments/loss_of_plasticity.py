@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from nestlearn import ConfigError, continual, tasks
-from nestlearn.experiment import RunDir
+from nestlearn.experiment import RunDir, save_figure
 
 METHODS = {
     "backprop": None,
@@ -82,7 +82,7 @@ def run(config: Config, rundir: RunDir) -> None:
 
     with plot.style():
         fig = figure(rundir.results / "online_regression.npz")
-        plot.save_figure(fig, rundir.figures / "loss_of_plasticity")
+        save_figure(fig, rundir.figures / "loss_of_plasticity")
         plt.close(fig)
     rundir.mark_complete(methods=list(METHODS))
 

@@ -38,7 +38,7 @@ import pandas as pd
 from flax import nnx
 
 from nestlearn import ConfigError, continual, meta, metrics, nn, tasks
-from nestlearn.experiment import RunDir, load_result
+from nestlearn.experiment import RunDir, load_result, save_figure
 
 STARTS = ("random", "pretrained", "maml")
 LABELS = {"random": "random start", "pretrained": "pre-trained start", "maml": "MAML start"}
@@ -144,7 +144,7 @@ def figures(out: Path) -> None:
 
     with plot.style():
         fig = figure({name: load_result(out / "results" / f"{name}.npz") for name in STARTS})
-        plot.save_figure(fig, out / "figures" / "maml_continual")
+        save_figure(fig, out / "figures" / "maml_continual")
         plt.close(fig)
 
 

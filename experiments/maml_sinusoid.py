@@ -37,7 +37,7 @@ import pandas as pd
 from flax import nnx
 
 from nestlearn import ConfigError, meta, nn, tasks
-from nestlearn.experiment import RunDir
+from nestlearn.experiment import RunDir, save_figure
 
 META_BATCH, INNER_LR, TEST_TASKS, TEST_STEPS = 25, 0.01, 600, 10
 # "method/kK": the methods of the figure at K = 10, and the two with a published number at K = 5.
@@ -204,10 +204,10 @@ def figures(out: Path) -> None:
 
     with plot.style():
         fig = adaptation_figure(out / "results" / "adaptation.npz")
-        plot.save_figure(fig, out / "figures" / "maml_adaptation")
+        save_figure(fig, out / "figures" / "maml_adaptation")
         plt.close(fig)
         fig = fits_figure(out / "results" / "adaptation.npz")
-        plot.save_figure(fig, out / "figures" / "maml_fits")
+        save_figure(fig, out / "figures" / "maml_fits")
         plt.close(fig)
 
 

@@ -56,7 +56,7 @@ import pandas as pd
 from flax import nnx
 
 from nestlearn import ConfigError, nn, tasks
-from nestlearn.experiment import RunDir
+from nestlearn.experiment import RunDir, save_figure
 
 VOCAB = 64
 BATCH = 32
@@ -435,7 +435,7 @@ def figures(out: Path) -> None:
     ):
         with plot.style():
             fig = make(results)
-            plot.save_figure(fig, out / "figures" / name)
+            save_figure(fig, out / "figures" / name)
             plt.close(fig)
 
 

@@ -71,7 +71,7 @@ from flax import nnx
 from jaxtyping import Array
 
 from nestlearn import ConfigError, nn, tasks
-from nestlearn.experiment import RunDir
+from nestlearn.experiment import RunDir, save_figure
 
 VOCAB = 64
 CHUNK = 16  # tokens per memory chunk
@@ -378,7 +378,7 @@ def figures(out: Path) -> None:
 
     with plot.style():
         fig = figure(out / "results")
-        plot.save_figure(fig, out / "figures" / "memory_zoo")
+        save_figure(fig, out / "figures" / "memory_zoo")
         plt.close(fig)
 
 

@@ -67,7 +67,7 @@ import pandas as pd
 
 from nestlearn import ConfigError, levels, optim
 from nestlearn.engine import Engine, run_chunks, run_keys
-from nestlearn.experiment import RunDir
+from nestlearn.experiment import RunDir, save_figure
 
 D, K, M, R = 32, 4, 4, 8
 NOISE, BATCH, N_TEST = 0.05, 16, 256
@@ -380,5 +380,5 @@ def figures(out: Path) -> None:
             range(len(mean)), [n.replace("_", " ") for n in mean.index], fontsize=6, rotation=45, ha="right"
         )
         right.set_ylabel("forgetting (loss increase)")
-        plot.save_figure(fig, out / "figures" / "orthogonal_regression")
+        save_figure(fig, out / "figures" / "orthogonal_regression")
         plt.close(fig)

@@ -49,7 +49,7 @@ import pandas as pd
 from jaxtyping import PRNGKeyArray
 
 from nestlearn import ConfigError, nn, tasks
-from nestlearn.experiment import RunDir, load_experiment
+from nestlearn.experiment import RunDir, load_experiment, save_figure
 
 zoo = load_experiment(str(Path(__file__).with_name("memory_zoo.py")))[1]
 MODELS = zoo.MODELS
@@ -264,7 +264,7 @@ def figures(out: Path) -> None:
 
     with plot.style():
         fig = figure(out / "results")
-        plot.save_figure(fig, out / "figures" / "passkey")
+        save_figure(fig, out / "figures" / "passkey")
         plt.close(fig)
 
 

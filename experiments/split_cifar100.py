@@ -58,7 +58,7 @@ import optax
 import pandas as pd
 
 from nestlearn import ConfigError, continual, metrics, nn, tasks
-from nestlearn.experiment import RunDir
+from nestlearn.experiment import RunDir, save_figure
 
 
 def _load_image_data():
@@ -257,11 +257,11 @@ def figures(out: Path, results: dict[str, continual.StreamResult], label: str) -
         ax.set_xticks(range(len(names)), [LABELS[n] for n in names], rotation=30, ha="right", fontsize=6)
         ax.set_ylabel("final average accuracy (%)")
         ax.set_title(f"split CIFAR-100 ({label} data)", fontsize=7)
-        plot.save_figure(fig, out / "figures" / "split_cifar100_acc")
+        save_figure(fig, out / "figures" / "split_cifar100_acc")
         plt.close(fig)
         for n in names:
             fig, ax = plt.subplots(figsize=(plot.SINGLE_COLUMN, plot.SINGLE_COLUMN))
             plot.accuracy_matrix(results[n].acc_matrix[~results[n].diverged], ax=ax,
                                  title=f"{LABELS[n]} ({label} data)")  # fmt: skip
-            plot.save_figure(fig, out / "figures" / f"split_cifar100_matrix_{n}")
+            save_figure(fig, out / "figures" / f"split_cifar100_matrix_{n}")
             plt.close(fig)

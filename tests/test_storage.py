@@ -184,3 +184,15 @@ def test_npz_round_trip_on_gs(gcs):
     with _load_npz("gs://b/a.npz") as z:
         np.testing.assert_array_equal(z["x"], np.eye(2))
     assert np.load(io.BytesIO(gcs["b/a.npz"].getvalue()))["x"].dtype == np.float32
+
+
+def test_a_script_experiments_figures_reach_gs(gcs, tmp_path):
+    """Script experiments save figures through the path layer too (split CIFAR-100's, from two results)."""
+    from test_image_experiments import _result, cifar
+
+    R = np.array([[[0.9, 0.1], [0.5, 0.8]], [[0.7, 0.2], [0.4, 0.6]]])
+    cifar.figures(RunDir("gs://bucket/run").path, {"naive": _result(R)}, "synthetic")
+    assert sorted(gcs) == [f"bucket/run/figures/split_cifar100_{n}.{ext}" for n in ("acc", "matrix_naive")
+                           for ext in ("pdf", "png")]  # fmt: skip
+    assert gcs["bucket/run/figures/split_cifar100_acc.pdf"].getvalue()[:5] == b"%PDF-"
+    assert list(tmp_path.iterdir()) == []  # nothing on the local disk
