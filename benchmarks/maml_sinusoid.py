@@ -40,6 +40,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from permuted_mnist import import_times  # noqa: E402 (median of fresh processes, as there)
+
 N_TASKS, K, INNER_LR, OUTER_LR = 25, 10, 0.01, 1e-3
 
 
@@ -232,31 +235,6 @@ def end_to_end(side: str, first_order: bool, chunk: int, cache: Path, runs: int)
             times.append(json.loads(out.read_text())["results_written_at"] - start)
     return {"cold_s": times[0], "warm_s": statistics.median(times[1:]), "warm_runs_s": times[1:],
             "load_average": os.getloadavg()}  # fmt: skip
-
-
-IMPORT_PROBE = """
-import importlib, json, sys, time
-t0 = time.perf_counter()
-import jax, flax.nnx, optax
-t1 = time.perf_counter()
-for m in sys.argv[1:]:
-    importlib.import_module(m)
-print(json.dumps([t1 - t0, time.perf_counter() - t1]))
-"""
-
-
-def import_times(modules: list[str], runs: int = 5) -> dict:
-    """``import jax, flax.nnx, optax`` and what ``modules`` add after it, median of fresh processes."""
-    base, extra = [], []
-    for _ in range(runs):
-        proc = subprocess.run([sys.executable, "-c", IMPORT_PROBE, *modules], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"import probe failed:\n{proc.stderr[-3000:]}")
-        b, e = json.loads(proc.stdout)
-        base.append(b)
-        extra.append(e)
-    return {"modules": modules, "base_s": statistics.median(base), "extra_s": statistics.median(extra),
-            "extra_runs_s": extra, "load_average": os.getloadavg()}  # fmt: skip
 
 
 def peer_rates(python: str, order: int, blocks: int, iters: int) -> dict:
