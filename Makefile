@@ -22,14 +22,16 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 # Two pytest workers (pytest-xdist), each taking whole test files so that module-scoped fixtures (shared
-# compiled programs) are built once. On 2 cores they contend (a test can take twice its solo time), but the
-# suite still finished sooner than in one process: 36 min against a projected ~50 min on this machine.
+# compiled programs) are built once. --no-loadscope-reorder hands the files out in collection order:
+# xdist's default sends files with the most tests first, which left the notebooks (few tests, the longest
+# files) for last, one worker running them alone (cold cache, quiet 2 cores: 15.3 min, of which about 4
+# with one worker). tests/test_0_notebook_06.py and tests/test_0_notebooks.py are named to come first.
 test: lint
-	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile --no-loadscope-reorder
 
 # Everything, including the end-to-end experiment runs marked slow (a few minutes more).
 test-all: lint
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # Peers (Avalanche, PyTorch) install into their own environment; see benchmarks/README.md.
 bench: $(STAMP)

@@ -81,11 +81,10 @@ def kernel_env(tmp_path, monkeypatch):
     )
 
 
-# Each of `make test`'s two workers takes whole files, in collection order. Notebook 06, by far the longest
-# at the small size, runs from tests/test_0_notebook_06.py, first in the collection, and the other notebooks
-# from this file, second: the two workers start on them, and the many short files fill in behind instead of
-# a long file running alone at the end (a cold-cache run with this file collected late had one worker idle
-# for its last minutes).
+# Each of `make test`'s two workers takes whole files, in collection order (--no-loadscope-reorder).
+# Notebook 06, by far the longest at the small size, runs from tests/test_0_notebook_06.py, first in the
+# collection, and the other notebooks from this file, second: the two workers start on them, and the many
+# short files fill in behind instead of a long file running alone at the end.
 LONGEST = [s for s in SCRIPTS if s.stem.startswith("06_")]
 OTHERS = [s for s in SCRIPTS if s not in LONGEST]
 
