@@ -199,10 +199,7 @@ def run(config: Config, rundir: RunDir) -> None:
         lrn = learner(name, config, stream)
 
         def on_task_end(task, state, result, name=name):
-            acc = result.acc_matrix[:, task, : task + 1].mean()
-            rundir.log(
-                f"[{label} {name}] task {task + 1}/{stream.n_tasks}: mean accuracy on seen tasks {acc:.3f}"
-            )
+            rundir.log(f"[{label} {name}] task {task + 1}/{stream.n_tasks}: " + seen_accuracy(result, task))
 
         results[name] = lrn.run(stream, list(config.seeds), on_task_end=on_task_end, progress=False)
         rundir.save_result(name, results[name])
@@ -216,6 +213,16 @@ def run(config: Config, rundir: RunDir) -> None:
                    f"forgetting {100 * row.forgetting_mean:.2f} ± {100 * row.forgetting_sem:.2f} %")  # fmt: skip
     figures(rundir.path, results, label)
     rundir.mark_complete(strategies=list(config.strategies), data=label)
+
+
+def seen_accuracy(result: continual.StreamResult, task: int) -> str:
+    """The log line's mean accuracy on the tasks seen so far, over the seeds that have not diverged."""
+    ok = ~result.diverged
+    if not ok.any():
+        return f"every seed diverged (steps {result.diverged_step.tolist()})"
+    acc = result.acc_matrix[ok, task, : task + 1].mean()
+    left_out = f" ({(~ok).sum()} of {ok.size} seeds diverged, left out)" if not ok.all() else ""
+    return f"mean accuracy on seen tasks {acc:.3f}{left_out}"
 
 
 def summary(results: dict[str, continual.StreamResult], config: Config) -> pd.DataFrame:

@@ -248,3 +248,14 @@ def test_synthetic_data_never_overwrites_a_real_directory(tmp_path):
     assert image_data.prepare(fresh, calls.append) == fresh
     assert image_data.prepare(fresh, calls.append) == fresh  # the marker: written once, then reused
     assert calls == [fresh] and (fresh / "SYNTHETIC").is_file()
+
+
+def test_the_task_log_line_leaves_diverged_seeds_out_and_says_so():
+    R = np.stack([np.full((2, 2), 0.8), np.full((2, 2), np.nan), np.full((2, 2), 0.6)])
+    result = dataclasses.replace(_result(R, seeds=(0, 1, 2)), diverged_step=np.array([-1, 7, -1]))
+    assert (
+        cifar.seen_accuracy(result, 1)
+        == "mean accuracy on seen tasks 0.700 (1 of 3 seeds diverged, left out)"
+    )
+    everything = dataclasses.replace(result, diverged_step=np.array([3, 7, 5]))
+    assert cifar.seen_accuracy(everything, 0) == "every seed diverged (steps [3, 7, 5])"
