@@ -229,6 +229,9 @@ def run_part(method: str, k_shot: int, config: FewShotConfig, rundir: RunDir, lo
     diverged = np.asarray(state.diverged_step)
     ci = confidence_interval(acc)
     for s, seed in enumerate(config.seeds):
+        if diverged[s] >= 0:  # its parameters froze at the last finite step: not a result
+            rundir.log(f"[{label} {tag}] seed {seed}: diverged at meta-iteration {diverged[s]}, left out")
+            continue
         rundir.log(f"[{label} {tag}] seed {seed}: meta-test accuracy {100 * acc[s].mean():.2f} ± "
                    f"{100 * ci[s]:.2f} % over {acc.shape[1]} tasks")  # fmt: skip
     name = f"{method}/{k_shot}shot"
