@@ -6,8 +6,8 @@ Command:  nestlearn run mini_imagenet_fewshot --set data_root=~/data/mini-imagen
           synthetic mini-ImageNet of 16/4/8 classes written as JPEGs into the run directory, read at 32x32,
           200 meta-iterations, 100 test tasks, 3 seeds)
 Runtime:  full size (60,000 meta-iterations x 5 methods x 2 shots, 3 seeds, 84x84 images, second-order
-          MAML through 5 steps) is GPU work. --quick is compile-bound on a CPU and was not run to the end
-          here (2 CPU cores shared with 5 other jobs); its loader and task path are tested.
+          MAML through 5 steps) is GPU work. --quick is compile-bound on a CPU: it took 62 minutes on 2
+          CPU cores shared with two other --quick runs (2026-12-07).
 Produces: results/accuracy.npz, results/per_seed.csv, results/table.csv (mean ± s.e.m. over seeds, mean
           per-seed 95 % CI, the published number and its source, "data" and "comparable" columns),
           figures/mini_imagenet_fewshot.{pdf,png}.

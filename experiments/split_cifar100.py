@@ -8,8 +8,8 @@ Command:  nestlearn run split_cifar100 --set data_root=~/data/cifar-100-binary
           50 steps of batch 32 per task, 200-example buffer, 3 seeds)
 Runtime:  full size (10 tasks x 50 epochs x 7 strategies x 3 seeds, nf=20) is GPU work: about
           1.1 M optimizer steps of batch 32 per seed. --quick is compile-bound on a CPU
-          (one program per strategy): it did not finish in 20 minutes on 2 CPU cores shared with 5 other
-          jobs (load 15); budget it on an idle machine or a GPU.
+          (one program per strategy): it took 32 minutes on 2 CPU cores shared with two other --quick
+          runs (2026-12-07).
 Produces: results/<strategy>.npz (accuracy matrices, curves), results/summary.csv (ACC and forgetting
           per strategy and seed), results/table.csv (mean ± s.e.m. over seeds, with a "data" column that
           reads "synthetic" for synthetic runs), results/accuracy_matrix.csv, results/curves.csv,
