@@ -22,9 +22,6 @@ from nestlearn.engine import _storage
 if TYPE_CHECKING:
     import pandas as pd
 
-if TYPE_CHECKING:
-    import pandas as pd
-
 
 def atomic_write(path: str | os.PathLike, write: Any, mode: str = "w") -> Path:
     """Writes ``path`` atomically where the filesystem allows (:func:`nestlearn.engine._storage.write`).
