@@ -22,8 +22,8 @@ Setup (choices, and how they differ from Zoology and the paper):
     answer). Vocabulary 64 (keys 1..31, values 32..63) instead of Zoology's 8,192, so that a CPU learns
     the task in a few hundred steps; Zoology's smallest setting is (64, 4) too, but at widths 64-512 and
     tens of thousands of steps.
-  - Models: every model has 2 layers, d_model 32 and 2 heads, memory chunks of 16 and the library's short
-    convolution. Matched state size (``nn.state_size``, floats per sequence after 64 tokens): the
+  - Models: every model has ``n_layers`` (2) layers, d_model 32 and 2 heads, memory chunks of 16 and the
+    library's short convolution. Matched state size (``nn.state_size``, floats per sequence after 64 tokens): the
     memories' sizes are chosen so that state sizes agree; a matrix memory holds d_model² / heads per
     layer, an MLP memory 2 · d_model · memory_hidden (memory_hidden is the knob), self-modifying Titans
     and HOPE five MLP memories. Choice: d_model fixed at 32 for every model, so that embeddings, channels
@@ -93,8 +93,8 @@ class ZooModel:
     kwargs: dict[str, Any]
     cms_periods: tuple[int, ...] | None = None
 
-    def model(self, vocab: int, rngs: nnx.Rngs) -> nn.SequenceModel:
-        return self.build(vocab=vocab, rngs=rngs, **self.kwargs)
+    def model(self, vocab: int, rngs: nnx.Rngs, n_layers: int = 2) -> nn.SequenceModel:
+        return self.build(vocab=vocab, rngs=rngs, n_layers=n_layers, **self.kwargs)
 
     def optimizer(self) -> optax.GradientTransformation:
         """AdamW with its rate injected (set per run by the tuning), under the CMS rule if periods."""
@@ -146,6 +146,7 @@ class Config:
     reassign: int = 2  # forgetting-MQAR: keys written a second time
     batch: int = 16
     eval_batches: int = 8
+    n_layers: int = 2  # every model's depth (the state sizes scale with it alike)
 
     def validate(self) -> None:
         unknown = [m for m in self.models if m not in MODELS]
@@ -164,7 +165,7 @@ class Config:
             raise ConfigError(f"steps ({self.steps}) must be a positive multiple of chunk ({self.chunk})")
         if self.length % CHUNK:
             raise ConfigError(f"length ({self.length}) must be a multiple of the memory chunk {CHUNK}")
-        for name in ("batch", "eval_batches", "pairs", "reassign"):
+        for name in ("batch", "eval_batches", "pairs", "reassign", "n_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         # the generators' own checks (length, vocabulary), made before anything is written
@@ -187,12 +188,12 @@ TASKS: dict[str, Callable] = {
 # -- sizes --------------------------------------------------------------------------------------------
 
 
-def describe(name: str, length: int, vocab: int = VOCAB) -> dict[str, Any]:
+def describe(name: str, length: int, vocab: int = VOCAB, n_layers: int = 2) -> dict[str, Any]:
     """A model's sizes: state size in floats after ``length`` tokens (``nn.state_size``: the mixer's memory
     or key-value cache), the in-context CMS's state (``cms_state``, 0 without one), parameter count, and
     its options."""
     spec = MODELS[name]
-    model = spec.model(vocab, nnx.Rngs(0))
+    model = spec.model(vocab, nnx.Rngs(0), n_layers)
     params = sum(int(np.size(p)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
     cms = 0  # an in-context CMS's per-sequence state (its blocks' fast weights), which nn.state_size omits
     for layer in model.layers:
@@ -202,6 +203,7 @@ def describe(name: str, length: int, vocab: int = VOCAB) -> dict[str, Any]:
         "state_size": nn.state_size(model, length),
         "cms_state": cms,
         "params": params,
+        "n_layers": n_layers,
         "d_model": spec.kwargs["d_model"],
         "heads": spec.kwargs["heads"],
         "memory_hidden": spec.kwargs.get("memory_hidden", 0),
@@ -296,13 +298,13 @@ def zoo_one(
     sample = functools.partial(TASKS[task], config)
     spec = MODELS[name]
     trainer = nn.SeqTrainer(
-        lambda rngs: spec.model(VOCAB, rngs), spec.optimizer(), sample, steps=config.steps,
+        lambda rngs: spec.model(VOCAB, rngs, config.n_layers), spec.optimizer(), sample, steps=config.steps,
         chunk=config.chunk, eval_batches=config.eval_batches,
     )  # fmt: skip
     tuning, res, lr = tuned_runs(trainer, config, tag=f"{task}/{name}", rundir=rundir, log=log, rate=rate)
     split = jax.jit(jax.vmap(lambda p, k: split_accuracy(trainer, p, sample, k, config.eval_batches)))
     accs = jax.tree.map(np.asarray, split(res["state"].params, eval_keys(config.seeds)))
-    sizes = describe(name, config.length)
+    sizes = describe(name, config.length, n_layers=config.n_layers)
     rows = []
     for i, seed in enumerate(config.seeds):
         dead = bool(res["diverged"][i])

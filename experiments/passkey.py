@@ -138,6 +138,7 @@ class Config:
     needles: int = 4  # multikey
     batch: int = 32
     eval_batches: int = 8
+    n_layers: int = 2
 
     def validate(self) -> None:
         unknown = [m for m in self.models if m not in MODELS]
@@ -158,7 +159,7 @@ class Config:
             raise ConfigError(f"steps ({self.steps}) must be a positive multiple of chunk ({self.chunk})")
         if self.train_length % zoo.CHUNK:
             raise ConfigError(f"train_length ({self.train_length}) must be a multiple of {zoo.CHUNK}")
-        for name in ("batch", "eval_batches"):
+        for name in ("batch", "eval_batches", "n_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for task in self.tasks:
@@ -183,13 +184,13 @@ def passkey_one(
     spec = MODELS[name]
     sample = functools.partial(TASKS[task], config, config.train_length)
     trainer = nn.SeqTrainer(
-        lambda rngs: spec.model(VOCAB, rngs), spec.optimizer(), sample, steps=config.steps,
+        lambda rngs: spec.model(VOCAB, rngs, config.n_layers), spec.optimizer(), sample, steps=config.steps,
         chunk=config.chunk, eval_batches=config.eval_batches,
     )  # fmt: skip
     tuning, res, lr = zoo.tuned_runs(trainer, config, tag=f"{task}/{name}", rundir=rundir, log=log, rate=rate)
     keys = zoo.eval_keys(config.seeds)
-    sizes = zoo.describe(name, config.train_length)
-    model = spec.model(VOCAB, nnx_rngs())
+    sizes = zoo.describe(name, config.train_length, n_layers=config.n_layers)
+    model = spec.model(VOCAB, nnx_rngs(), config.n_layers)
     rows = []
     for factor in config.lengths:
         length = factor * config.train_length

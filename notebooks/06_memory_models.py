@@ -602,9 +602,10 @@ print(
 # a tuning seed that is never reported, keeps the best, and trains the reported seeds at it (Zoology
 # tunes per model too; a shared rate is what made the Transformer look bad in section 2). Here, on
 # forgetting-MQAR, the bars split the queries into keys written once and keys written a second time
-# with a new value, where only the latest value is right. At `NESTLEARN_SMALL=1` two models train for a
-# few dozen steps: the bars show the pipeline, not a result. The full run (`nestlearn run memory_zoo`)
-# covers all ten models on MQAR and forgetting-MQAR with three seeds; its numbers are in the README.
+# with a new value, where only the latest value is right. At `NESTLEARN_SMALL=1` two one-layer models
+# train for a few dozen steps: the bars show the pipeline, not a result. The full run (`nestlearn run
+# memory_zoo`) covers all ten models on MQAR and forgetting-MQAR with three seeds; its numbers are in
+# the README.
 
 # %%
 ZOO_MODELS = (
@@ -612,7 +613,7 @@ ZOO_MODELS = (
 )
 zoo_config = override(
     zoo.CONFIG,
-    ["seeds=0,1", "learning_rates=0.003,0.01", "steps=40", "chunk=40", "batch=8", "eval_batches=2"]
+    "seeds=0,1 learning_rates=0.003,0.01 steps=40 chunk=40 batch=8 eval_batches=2 n_layers=1".split()
     if SMALL
     else ["seeds=0,1,2"],
 )
@@ -653,15 +654,15 @@ with plot.style():
 # `experiments/passkey.py` trains every model of the zoo's table on needles in filler at one length and
 # evaluates at 1x, 2x and 4x it: `multikey` hides four key-value needles (keys from their own range of
 # the vocabulary) and asks for every key again at the end; `tasks.passkey` hides one. The dashed line
-# marks the training length and the dotted one chance (1/16). At the small size two models train for a
-# few dozen steps, so both sit near chance; the full run's table is in the README.
+# marks the training length and the dotted one chance (1/16). At the small size two one-layer models
+# train for a few dozen steps, so both sit near chance; the full run's table is in the README.
 
 # %%
 pk = load_experiment("../experiments/passkey.py")[1]
 PK_MODELS = ("deltanet", "transformer") if SMALL else ("deltanet", "gated_deltanet", "hope", "transformer")
 pk_config = override(
     pk.CONFIG,
-    ["seeds=0,1", "learning_rates=0.01", "steps=40", "chunk=40", "batch=8", "eval_batches=2", "needles=2"]
+    "seeds=0,1 learning_rates=0.01 steps=40 chunk=40 batch=8 eval_batches=2 needles=2 n_layers=1".split()
     if SMALL
     else ["seeds=0,1,2"],
 )

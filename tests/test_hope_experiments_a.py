@@ -76,6 +76,17 @@ def test_recurrent_models_match_state_and_attention_reports_its_growing_cache():
     state = {name: d["state_size"] for name, d in sizes.items()}
     # DeltaNet's state by hand: 2 layers x (2 heads x 16^2 matrix + short-conv tail 3 taps x 3 x 32)
     assert state["deltanet"] == 2 * (2 * 16 * 16 + 3 * 3 * 32) == 1600
+    # n_layers (a config field of the zoo and passkey, one layer at the notebooks' small size): one layer's
+    # state, and one mixer + channel fewer in the parameters
+    one = zoo.describe("deltanet", length, n_layers=1)
+    assert (one["state_size"], one["n_layers"], sizes["deltanet"]["n_layers"]) == (800, 1, 2)
+    layer_params = sum(
+        int(np.size(p))
+        for p in jax.tree.leaves(
+            nnx.state(zoo.MODELS["deltanet"].model(64, nnx.Rngs(0)).layers[1], nnx.Param)
+        )
+    )
+    assert one["params"] == sizes["deltanet"]["params"] - layer_params > 0
     for name, size in state.items():
         if name in zoo.ATTENTION:
             assert size == 2 * 2 * length * 32, name  # KV cache: 2 layers x (k, v) x length x d_model
