@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pandas as pd
 import pytest
+from conftest import xla_flags
 
 from nestlearn import ConfigError, continual, metrics, nn, tasks
 from nestlearn.experiment import (
@@ -181,7 +182,7 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
 
 
 def _cli_process(out: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(2), "JAX_PLATFORMS": "cpu"}
     cmd = [
         sys.executable,
         "-m",

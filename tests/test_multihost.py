@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 import nestlearn
 from nestlearn import ConfigError, engine
@@ -40,7 +41,7 @@ def _launch(out: Path, n: int, devices: int, *extra: str, sets=TINY) -> list[sub
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "NESTLEARN_PROGRESS": "0",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": xla_flags(devices),
         "NESTLEARN_COORDINATOR": f"localhost:{port}",  # the environment's way; flags would do the same
         "NESTLEARN_NUM_PROCESSES": str(n),
     }

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 import nestlearn
 from nestlearn import engine
@@ -156,7 +157,7 @@ def _cli(out: Path, *extra: str) -> subprocess.Popen:
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "NESTLEARN_PROGRESS": "0",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": xla_flags(4),
     }
     sets = [a for s in TINY for a in ("--set", s)]
     cmd = [sys.executable, "-m", "nestlearn.experiment._cli", "run", "permuted_mnist_forgetting", *sets]

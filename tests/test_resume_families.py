@@ -16,6 +16,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 SCRIPT = textwrap.dedent(
     """
@@ -98,7 +99,7 @@ def _run(args, env, kill_after=None):
 @pytest.mark.parametrize("family", ["seq", "nested", "meta"])
 def test_killed_after_a_chunk_resumes_bit_identically(family, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "NESTLEARN_PROGRESS": "0"}
-    env["XLA_FLAGS"] = ""  # one device: the runs are not sharded here
+    env["XLA_FLAGS"] = xla_flags(1)  # one device: the runs are not sharded here
     full = tmp_path / "full.npz"
     code, lines, err = _run([family, str(tmp_path / "ckpt_full"), str(full)], env)
     assert code == 0, err
