@@ -88,7 +88,9 @@ def test_m3_paper_slow_term_is_held_within_a_chunk():
     us, _ = run(tx, [jnp.diag(jnp.asarray(d, jnp.float32)) for d in DIAG[:4]], jnp.zeros((2, 2)))
     held = -ns_diag(DIAG[0] + DIAG[1])
     got = np.array([np.diag(np.asarray(u)) for u in us])
-    np.testing.assert_allclose(got, [[0, 0], [0, 0], held, held], atol=2e-6)
+    # float32 against the float64 NS, as in the test above (rounding differs with XLA's backend level)
+    np.testing.assert_allclose(got, [[0, 0], [0, 0], held, held], rtol=2e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[3], got[2])  # held: the very same O2, not a recomputation
 
 
 def m3_adam_numpy(grads, lr, b1, b2, b3, alpha, f, eps):
