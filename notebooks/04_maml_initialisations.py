@@ -129,7 +129,7 @@ params0 = sine_net_params(model_keys)  # every leaf [seeds, ...]
 
 def meta_train(learner, outer_opt, sample_tasks, params, n_iters, chunk, name):
     """Meta-trains every seed (leading axis of ``params``) in chunks; returns the state and loss curves."""
-    trainer = meta.MetaTrainer(learner, outer_opt, sample_tasks, n_iters=chunk)
+    trainer = meta.MetaTrainer(learner, outer_opt, sample_tasks, n_iters=chunk, loss_pre=True)
     state = jax.vmap(trainer.init)(jax.vmap(learner.init)(params))
     curves, start = [], time.perf_counter()
     bar = engine.Progress(n_iters, name)

@@ -159,7 +159,9 @@ def test_meta_trainer_consumes_image_families():
     maml = MAML(loss, optax.sgd(0.1), steps=1)
     sample = lambda key, family: family.sample(key, 2)  # the family is an argument, not a constant
     fast = {"xla_backend_optimization_level": 0}  # compiles faster on CPU; two iterations need no speed
-    trainer = MetaTrainer(maml, optax.adam(1e-2), sample, n_iters=2, compiler_options=fast, task_data=train)
+    trainer = MetaTrainer(
+        maml, optax.adam(1e-2), sample, n_iters=2, compiler_options=fast, task_data=train, loss_pre=True
+    )
     # Two seeds in one program (what train() runs): the family shared, one key per seed.
     key = jax.random.key(3)
     keys = jnp.stack([key, jax.random.key(4)])

@@ -536,7 +536,9 @@ def test_meta_trainer_chunks_resume_exactly_and_seeds_share_one_program():
     assert three._run._cache_size() == 1  # the second chunk reused the compiled program
     assert int(s.step) == 6 and int(s.diverged_step) == -1
     # Six iterations in one chunk equal two chunks of three (tasks come from fold_in(key, step)).
-    p6, _, m6 = meta_train(maml, params, optax.adam(1e-2), sample, key, 6, compiler_options=FAST)
+    p6, _, m6 = meta_train(
+        maml, params, optax.adam(1e-2), sample, key, 6, compiler_options=FAST, loss_pre=True
+    )
     np.testing.assert_allclose(flat(s.meta_params), flat(p6), rtol=1e-6)
     np.testing.assert_allclose(
         jnp.concatenate([m1["loss_post"], m2["loss_post"]]), m6["loss_post"], rtol=1e-6

@@ -78,8 +78,9 @@ def test_trainer_without_loss_pre_drops_the_forward_pass_and_nothing_else():
     maml = MAML(mse_loss(apply), optax.sgd(ALPHA), steps=1)
     runs = {}
     for pre in (True, False):
+        # loss_pre off is the default (not passed)
         trainer = MetaTrainer(maml, optax.sgd(0.1, momentum=0.9), lambda key: tasks, n_iters=3, compiler_options=FAST,
-                              loss_pre=pre)  # fmt: skip
+                              **({"loss_pre": True} if pre else {}))  # fmt: skip
         state = trainer.init(maml.init(params))
         hlo = trainer._run.lower(state, maml, jax.random.key(0)).compile().as_text()
         state, metrics = trainer.run(state, jax.random.key(0))

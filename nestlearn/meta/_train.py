@@ -60,10 +60,11 @@ class MetaTrainer:
       compiler_options: passed to ``jax.jit`` (e.g. ``{"xla_backend_optimization_level": 0}`` compiles
         several times faster on CPU, for short runs where compilation dominates).
       guard: keyword-only; the divergence policy (default: ``loss_post`` watched, state not frozen).
-      loss_pre: keyword-only; record ``loss_pre``, the query loss of the initialisation before adaptation
-        (default ``True``). It is a forward pass over every task's query set that the meta-gradient does
-        not need: about a seventh of a sine meta-iteration's flops with one inner step. ``False`` drops
-        the metric, and XLA drops the computation with it.
+      loss_pre: keyword-only; also record ``loss_pre``, the query loss of the initialisation before
+        adaptation, whose gap to ``loss_post`` is what the inner loop gains (default ``False``). It is a
+        forward pass over every task's query set that the meta-gradient does not need: about a seventh of
+        a sine meta-iteration's flops with one inner step (first-order MAML on the sine benchmark: 1.14x
+        the hand-written loop's time with it, 1.06x without). Off, XLA drops the computation.
 
     Example:
       >>> trainer = MetaTrainer(maml, optax.adam(1e-3), sample_tasks, n_iters=1000)  # doctest: +SKIP
@@ -85,7 +86,7 @@ class MetaTrainer:
         compiler_options: dict | None = None,
         guard: Guard | None = None,
         task_data: PyTree | None = None,
-        loss_pre: bool = True,
+        loss_pre: bool = False,
     ) -> None:
         if not isinstance(learner, MetaLearner):
             raise TypeError(f"learner must be a MetaLearner, got {type(learner).__name__}")
@@ -131,8 +132,8 @@ class MetaTrainer:
     ) -> tuple[MetaTrainState, dict[str, Array]]:
         """One meta-iteration (pure; the engine guards it, counts it and records divergence).
 
-        Returns the new state and the iteration's metrics: ``loss_pre`` (unless the trainer was built
-        with ``loss_pre=False``) and ``loss_post`` (mean query loss before and after adaptation),
+        Returns the new state and the iteration's metrics: ``loss_post`` and, if the trainer was built
+        with ``loss_pre=True``, ``loss_pre`` (mean query loss after and before adaptation),
         ``grad_norm``, ``update_norm`` and ``param_norm`` (global L2 norms of the meta-gradient, the outer
         update and the meta-parameters after the update).
         """
@@ -237,17 +238,19 @@ def meta_train(
     *,
     compiler_options: dict | None = None,
     task_data: PyTree | None = None,
+    loss_pre: bool = False,
 ) -> tuple[MetaParams, PyTree, dict[str, Array]]:
     """Meta-train from scratch for ``n_iters`` iterations in one compiled call.
 
     A one-off convenience over :class:`MetaTrainer` (which compiles once for repeated chunks and runs
-    seeds in one program; prefer it for long runs).
+    seeds in one program; prefer it for long runs); the keyword arguments are :class:`MetaTrainer`'s.
 
     Returns:
       ``(meta_params, opt_state, metrics)``, metrics per iteration as in :meth:`MetaTrainer.chunk`.
     """
     trainer = MetaTrainer(
-        learner, outer_opt, sample_tasks, n_iters, compiler_options=compiler_options, task_data=task_data
-    )
+        learner, outer_opt, sample_tasks, n_iters, compiler_options=compiler_options, task_data=task_data,
+        loss_pre=loss_pre,
+    )  # fmt: skip
     state, metrics = trainer.run(trainer.init(meta_params), key)
     return state.meta_params, state.opt_state, metrics
