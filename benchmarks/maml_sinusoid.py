@@ -9,9 +9,10 @@ order. Every side trains one seed continuously and draws fresh tasks every meta-
 
 Sides: nestlearn (``meta.MAML`` on ``meta.MetaTrainer``, as a user writes it, which also records the
 gradient, update and parameter norms), nestlearn with ``loss_pre=True`` (the query loss before
-adaptation recorded too: one more forward pass per task), and a hand-written reference written below without the library: ``jax.grad``
-through one inner ``jax.grad`` (``stop_gradient`` on it for first order), tasks under ``vmap``,
-iterations under ``scan``, the same task sampler, initialisation and outer Adam, one ``jit``.
+adaptation recorded too: one more forward pass per task), and a hand-written reference written below
+without the library: ``jax.grad`` through one inner ``jax.grad`` (``stop_gradient`` on it for first
+order), tasks under ``vmap``, iterations under ``scan``, the same task sampler, initialisation and outer
+Adam, one ``jit``.
 
 Measured: meta-iterations per second in each of ``--blocks`` timing blocks after a warm-up, the three
 JAX sides interleaved block by block, median over blocks; the ratio of the reference's median to each

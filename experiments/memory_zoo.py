@@ -23,8 +23,8 @@ Setup (choices, and how they differ from Zoology and the paper):
     the task in a few hundred steps; Zoology's smallest setting is (64, 4) too, but at widths 64-512 and
     tens of thousands of steps.
   - Models: every model has ``n_layers`` (2) layers, d_model 32 and 2 heads, memory chunks of 16 and the
-    library's short convolution. Matched state size (``nn.state_size``, floats per sequence after 64 tokens): the
-    memories' sizes are chosen so that state sizes agree; a matrix memory holds d_model² / heads per
+    library's short convolution. Matched state size (``nn.state_size``, floats per sequence after 64
+    tokens): the memories' sizes are chosen so that state sizes agree; a matrix memory holds d_model² / heads per
     layer, an MLP memory 2 · d_model · memory_hidden (memory_hidden is the knob), self-modifying Titans
     and HOPE five MLP memories. Choice: d_model fixed at 32 for every model, so that embeddings, channels
     and parameter counts stay comparable, and the memory's hidden width chosen for the state; the
@@ -77,6 +77,7 @@ VOCAB = 64
 CHUNK = 16  # tokens per memory chunk
 WEIGHT_DECAY = 1e-4
 CMS_PERIODS = (1, 4, 16)
+N_LAYERS = 2  # every model's depth by default (Config.n_layers; state sizes scale with it alike)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +94,7 @@ class ZooModel:
     kwargs: dict[str, Any]
     cms_periods: tuple[int, ...] | None = None
 
-    def model(self, vocab: int, rngs: nnx.Rngs, n_layers: int = 2) -> nn.SequenceModel:
+    def model(self, vocab: int, rngs: nnx.Rngs, n_layers: int = N_LAYERS) -> nn.SequenceModel:
         return self.build(vocab=vocab, rngs=rngs, n_layers=n_layers, **self.kwargs)
 
     def optimizer(self) -> optax.GradientTransformation:
@@ -146,7 +147,7 @@ class Config:
     reassign: int = 2  # forgetting-MQAR: keys written a second time
     batch: int = 16
     eval_batches: int = 8
-    n_layers: int = 2  # every model's depth (the state sizes scale with it alike)
+    n_layers: int = N_LAYERS
 
     def validate(self) -> None:
         unknown = [m for m in self.models if m not in MODELS]
@@ -188,7 +189,7 @@ TASKS: dict[str, Callable] = {
 # -- sizes --------------------------------------------------------------------------------------------
 
 
-def describe(name: str, length: int, vocab: int = VOCAB, n_layers: int = 2) -> dict[str, Any]:
+def describe(name: str, length: int, vocab: int = VOCAB, n_layers: int = N_LAYERS) -> dict[str, Any]:
     """A model's sizes: state size in floats after ``length`` tokens (``nn.state_size``: the mixer's memory
     or key-value cache), the in-context CMS's state (``cms_state``, 0 without one), parameter count, and
     its options."""

@@ -138,7 +138,7 @@ class Config:
     needles: int = 4  # multikey
     batch: int = 32
     eval_batches: int = 8
-    n_layers: int = 2
+    n_layers: int = zoo.N_LAYERS
 
     def validate(self) -> None:
         unknown = [m for m in self.models if m not in MODELS]

@@ -2,10 +2,12 @@
 
 XLA's backend (LLVM) optimisations are off unless ``XLA_FLAGS`` sets ``--xla_backend_optimization_level``
 itself: the tests' programs are small and their time is mostly compilation, which this shortens (cold
-cache: test_streaming.py 72 -> 57 s, test_optim_paper.py 38 -> 14 s, the whole suite 15:10 -> 12:15 min on
-2 cores; the notebooks' kernels run the same way). The HLO passes, fusion included, still run, so the tests run
-the same HLO as everywhere else, compiled with less LLVM optimisation; benchmarks and ``make run`` keep
-the default level (3), and ``XLA_FLAGS=--xla_backend_optimization_level=3 make test`` runs the suite at it.
+cache: test_streaming.py 72 -> 57 s, test_optim_paper.py 38 -> 14 s, the whole suite 15:10 -> 12:15 min
+on 2 cores; the notebooks' kernels run the same way). The HLO passes, fusion included, still run, so the
+tests run the same HLO as everywhere else, compiled with less LLVM optimisation; benchmarks and ``make
+run`` keep the default level (3), and ``XLA_FLAGS=--xla_backend_optimization_level=3 make test`` runs the
+suite at it. (The ``compiler_options`` some tests pass to ``jax.jit`` set level 0 for their programs at
+either level.)
 """
 
 import os
